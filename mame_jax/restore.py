@@ -1,0 +1,62 @@
+"""MaRe: matrix-based token restoration (Algorithm 2, eqs. 11-13).
+
+MaRe maps a merged sequence (typically after attention) back to the length and
+order of the sequence that went into ``mame``, using the merge record:
+
+    R_i = 1 + sum_j W^F_ij
+    destination i:      x_i = y_i / R_i                          (12)
+    merged source j:    x_j = sum_i (W^F_ij / R_i) y_i           (11)
+    preserved source j, special tokens: copied back              (13)
+
+Restoration conserves mass: per sample, the restored tokens sum to the merged
+tokens' sum, because each fused destination's value is split into shares
+1/R_i and W^F_ij/R_i that add up to one. With nothing merged it is the identity.
+Preserved sources dropped by a too-small capacity have nothing to be restored
+from and come back as zeros (``info.dropped`` counts them).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mame_jax.merge import MergeInfo, _check_tokens, compute_dtype
+
+
+def mare(y, info: MergeInfo) -> jax.Array:
+  """Restores ``y`` (B, L_out, D) merged by ``mame`` to (B, L, D).
+
+  Args:
+    y: (B, L_out, D) tokens laid out as ``mame`` returned them (any features:
+      ``D`` need not match the merged input's, e.g. attention outputs).
+    info: the :class:`~mame_jax.merge.MergeInfo` of that ``mame`` call.
+
+  Returns:
+    (B, L, D) in ``y.dtype``, every token back at its original position;
+    padded input positions are zero.
+  """
+  _check_tokens(y, "y")
+  if not isinstance(info, MergeInfo):
+    raise TypeError(f"info must be the MergeInfo returned by mame; got {type(info).__name__}")
+  if tuple(y.shape[:2]) != tuple(info.token_mask.shape):
+    raise ValueError(f"y must have shape (B, L_out, D) with (B, L_out) = "
+                     f"{tuple(info.token_mask.shape)} from info; got {tuple(y.shape)}")
+  ns, m = info.num_special, info.num_dst
+  dtype = compute_dtype(y.dtype)
+  yc = y.astype(dtype)
+  fusion = info.fusion.astype(dtype)
+
+  # Read every pool entry [special | destinations | sources] from its output slot.
+  present = info.position >= 0
+  pool_y = jnp.take_along_axis(yc, jnp.maximum(info.position, 0)[..., None], axis=1)
+  pool_y = jnp.where(present[..., None], pool_y, 0)
+  y_dst, y_src = pool_y[:, ns:ns + m], pool_y[:, ns + m:]
+
+  share = fusion / (1 + fusion.sum(-1, keepdims=True))      # W^F_ij / R_i
+  x_dst = y_dst / (1 + fusion.sum(-1, keepdims=True))       # (12)
+  x_src = jnp.einsum("bmn,bmd->bnd", share, y_dst)          # (11)
+  x_src = jnp.where(present[:, ns + m:, None], y_src, x_src)  # preserved: copied
+
+  pool = jnp.concatenate([pool_y[:, :ns], x_dst, x_src], axis=1)
+  x = jnp.take_along_axis(pool, info.origin[..., None], axis=1)   # (13) original order
+  return jnp.where(info.input_mask[..., None], x, 0).astype(y.dtype)
