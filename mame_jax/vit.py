@@ -122,19 +122,20 @@ def resample_posemb(posemb, new_hw):
     return grid.reshape(1, new_h * new_w, d).astype(posemb.dtype)
 
 
-def merge_hook(merge, layer, x, token_mask, size, keys):
+def merge_hook(merge, layer, num_special, x, token_mask, size, keys):
     """The one place where a block hands its tokens to the merge.
 
-    ``x (B, L, D)``, ``token_mask (B, L) bool``, ``size (B, L) float32`` (both ``None``
+    ``x (B, L, D)``, ``token_mask (B, L) bool``, ``size (B, L) float32`` (``None``
     when nothing merges), ``keys (B, L, head_dim)`` ->
-    ``(x (B, L', D), token_mask (B, L'), size (B, L'), aux: dict)``.
+    ``(x (B, L', D), token_mask (B, L'), size (B, L') | None, aux: dict)``.
 
-    ``merge=None`` is the identity. Until the merge module is wired in here, any other
-    ``merge`` must be callable as ``merge(x, token_mask, size, keys, layer=layer)``.
+    ``merge=None`` is the identity; otherwise ``merge`` is a config from
+    ``mame_jax.merging`` (``MergeConfig`` or ``ToMeConfig``), or any callable
+    ``merge(x, token_mask, size, keys, layer=..., num_special=...)``.
     """
     if merge is None:
         return x, token_mask, size, {}
-    return merge(x, token_mask, size, keys, layer=layer)
+    return merge(x, token_mask, size, keys, layer=layer, num_special=num_special)
 
 
 class MlpBlock(nn.Module):
@@ -215,11 +216,13 @@ class Encoder1DBlock(nn.Module):
     prop_attn: bool = False
     merge: Any = None
     layer: int = 0  # this block's index, handed to the merge hook
+    num_special: int = 0  # leading tokens the merge leaves alone (the class token)
 
     @nn.compact
     def __call__(self, x, token_mask=None, size=None, deterministic=True):
         out = {}
-        bias = jnp.log(size) if (self.prop_attn and size is not None) else None
+        prop_attn = self.prop_attn or getattr(self.merge, "prop_attn", False)
+        bias = jnp.log(size) if (prop_attn and size is not None) else None
         y = nn.LayerNorm(epsilon=LN_EPS)(x)
         y, keys = MultiHeadDotProductAttention(self.num_heads, self.dtype_mm)(
             y, y, token_mask=token_mask, bias=bias)
@@ -229,7 +232,7 @@ class Encoder1DBlock(nn.Module):
 
         # ------------------- MERGE HOOK (eq. 15: x = MaMe(x)) -------------------
         x, token_mask, size, out["merge"] = merge_hook(
-            self.merge, self.layer, x, token_mask, size, keys)
+            self.merge, self.layer, self.num_special, x, token_mask, size, keys)
         # ------------------------------------------------------------------------
 
         y = nn.LayerNorm(epsilon=LN_EPS)(x)
@@ -271,6 +274,7 @@ class Encoder(nn.Module):
     prop_attn: bool = False
     merge: Any = None
     final_norm: bool = True
+    num_special: int = 0
 
     @nn.compact
     def __call__(self, x, token_mask=None, size=None, deterministic=True):
@@ -304,7 +308,8 @@ class Encoder(nn.Module):
             counts = []
             for i in range(self.depth):
                 block = Encoder1DBlock(
-                    name=f"encoderblock_{i}", merge=self.merge, layer=i, **block_kw)
+                    name=f"encoderblock_{i}", merge=self.merge, layer=i,
+                    num_special=self.num_special, **block_kw)
                 x, token_mask, size, out[f"block{i:02d}"] = block(
                     x, token_mask, size, deterministic)
                 counts.append(_real_tokens(x, token_mask))
@@ -448,7 +453,7 @@ class _Model(nn.Module):
             dropout=self.dropout, scan=self.scan, remat_policy=self.remat_policy,
             dtype_mm=self.dtype_mm, gelu_approximate=self.gelu_approximate,
             prop_attn=self.prop_attn, merge=self.merge, final_norm=not self.fc_norm,
-            name="Transformer")(x, token_mask, size, deterministic=not train)
+            num_special=num_prefix, name="Transformer")(x, token_mask, size, deterministic=not train)
         out.update(enc)
         if token_mask is not None:
             out["token_mask"], out["size"] = token_mask, size

@@ -223,7 +223,7 @@ class DropLast:
     """Toy merge: after block 0's attention, remove the last ``n`` tokens."""
     n: int
 
-    def __call__(self, x, token_mask, size, keys, *, layer):
+    def __call__(self, x, token_mask, size, keys, *, layer, num_special=0):
         assert keys.shape == x.shape[:2] + (16,)  # (B, L, head_dim)
         if layer != 0:
             return x, token_mask, size, {}
@@ -236,7 +236,7 @@ class MaskLast:
     """Toy merge: after block 0's attention, mark the last ``n`` tokens as padding."""
     n: int
 
-    def __call__(self, x, token_mask, size, keys, *, layer):
+    def __call__(self, x, token_mask, size, keys, *, layer, num_special=0):
         if layer != 0:
             return x, token_mask, size, {}
         return x, token_mask.at[:, -self.n:].set(False), size, {}

@@ -1,0 +1,165 @@
+"""What a ViT block calls between attention and MLP: MaMe or ToMe, by config.
+
+A model gets one hashable config in its ``merge=`` slot and calls it in every
+block (``x, token_mask, size, aux = merge(x, token_mask, size, keys, layer=i,
+num_special=1)``); the config decides whether that block merges and how. The
+model knows nothing about the merge, the merge nothing about the model.
+
+* :class:`MergeConfig` -- MaMe (eqs. 14-16): ``x = x + MSA(LN(x)); x = MaMe(x);
+  x = x + MLP(LN(x))`` in ``layers``. The training-free default is the paper's:
+  the first 8 blocks, ``tau = 0.8``.
+* :class:`ToMeConfig` -- ToMe's bipartite soft matching, ``r`` tokens per block,
+  on the attention keys, size-weighted, with optional proportional attention.
+
+Capacities. Inside a compiled model every merge layer needs a static capacity
+(DESIGN §3). ``capacities=None`` keeps every preserved token (capacity = N, the
+most a layer can preserve) -- exact but with padding, so slow;
+:class:`mame_jax.runner.Runner` picks bucketed capacities, re-running a batch
+whose layers overflowed ("exact" mode), or runs the capacities you give and
+counts the dropped tokens ("fixed" mode: the paper's training setting, where
+preserved tokens beyond the capacity are discarded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from mame_jax import tome as tome_lib
+from mame_jax.merge import PARTITIONS, SIMILARITIES, mame, num_sources
+
+MODES = ("exact", "fixed")
+METRICS = ("tokens", "keys")
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeConfig:
+  """MaMe inside a model's blocks.
+
+  Attributes:
+    tau: similarity threshold (eq. 3).
+    layers: indices of the blocks that merge.
+    capacities: one static capacity per entry of ``layers`` (``None`` entries or
+      ``None`` overall: the full capacity N of that layer, nothing ever dropped).
+    mode: "exact" (the runner grows a layer's bucket and re-runs the batch when
+      it overflows: no preserved token is ever dropped) or "fixed" (the given
+      capacities; overflowing preserved tokens are dropped and counted). With
+      ``mode="fixed"`` and no capacities every layer gets capacity 0: each merge
+      halves the tokens (2:1), the paper's from-scratch training setting.
+    metric: merge on the "tokens" themselves (default) or the attention "keys"
+      (averaged over heads).
+    partition, similarity, causal, eps: as in :func:`mame_jax.mame`.
+    seed: seeds ``partition="random"`` (folded with the layer index).
+    bucket_step: capacities the runner picks are multiples of this (or N).
+  """
+
+  tau: float = 0.8
+  layers: tuple = tuple(range(8))
+  capacities: Optional[tuple] = None
+  mode: str = "exact"
+  metric: str = "tokens"
+  partition: str = "alternating"
+  similarity: str = "cosine"
+  causal: bool = False
+  eps: float = 1e-6
+  seed: int = 0
+  bucket_step: int = 16
+
+  def __post_init__(self):
+    object.__setattr__(self, "layers", _int_tuple(self.layers, "layers"))
+    if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not math.isfinite(self.tau):
+      raise ValueError(f"MergeConfig.tau must be a finite float; got {self.tau!r}")
+    if self.capacities is not None:
+      caps = tuple(None if c is None else int(c) for c in self.capacities)
+      if len(caps) != len(self.layers):
+        raise ValueError(f"MergeConfig.capacities needs one entry per merge layer "
+                         f"({len(self.layers)}); got {len(caps)}")
+      if any(c is not None and c < 0 for c in caps):
+        raise ValueError(f"MergeConfig.capacities must be >= 0; got {caps}")
+      object.__setattr__(self, "capacities", caps)
+    for name, value, allowed in (("mode", self.mode, MODES), ("metric", self.metric, METRICS),
+                                 ("partition", self.partition, PARTITIONS),
+                                 ("similarity", self.similarity, SIMILARITIES)):
+      if value not in allowed:
+        raise ValueError(f"MergeConfig.{name} must be one of {allowed}; got {value!r}")
+    if self.bucket_step < 1:
+      raise ValueError(f"MergeConfig.bucket_step must be >= 1; got {self.bucket_step}")
+
+  def replace(self, **kw) -> "MergeConfig":
+    return dataclasses.replace(self, **kw)
+
+  @property
+  def active(self) -> bool:
+    """False when nothing can merge: cosine similarity never exceeds 1, so with
+    ``tau >= 1`` the blocks skip MaMe and the model is exactly the plain one."""
+    return bool(self.layers) and not (self.similarity == "cosine" and self.tau >= 1)
+
+  def capacity(self, layer: int, length: int, num_special: int) -> int:
+    """Static capacity of ``layer`` for a sequence of ``length`` tokens."""
+    full = num_sources(length, num_special)
+    caps = self.capacities
+    if caps is None:
+      caps = (0,) * len(self.layers) if self.mode == "fixed" else (None,) * len(self.layers)
+    c = caps[self.layers.index(layer)]
+    return full if c is None else min(c, full)
+
+  def __call__(self, x, token_mask, size, keys, *, layer, num_special=0):
+    """Block hook: ``x (B, L, D) -> (B, num_special + M + c, D)`` in merge layers."""
+    if layer not in self.layers or not self.active:
+      return x, token_mask, size, {}
+    c = self.capacity(layer, x.shape[1], num_special)
+    key = (jax.random.fold_in(jax.random.key(self.seed), layer)
+           if self.partition == "random" else None)
+    y, info = mame(x, self.tau, num_special=num_special, eps=self.eps, capacity=c,
+                   token_mask=token_mask, partition=self.partition,
+                   similarity=self.similarity, causal=self.causal, key=key,
+                   metric=keys if self.metric == "keys" else None)
+    # MaMe's average (eq. 9) is not size-weighted: sizes stop being tracked.
+    return y, info.token_mask, None, {"info": info}
+
+
+@dataclasses.dataclass(frozen=True)
+class ToMeConfig:
+  """ToMe (Bolya et al. 2023) inside a model's blocks, for comparison.
+
+  Attributes:
+    r: tokens merged away per merging block (clipped to what a block can merge).
+    layers: the merging blocks; ``None`` means every block.
+    prop_attn: proportional attention, ``log(size)`` added to attention logits.
+  """
+
+  r: int = 8
+  layers: Optional[tuple] = None
+  prop_attn: bool = True
+
+  def __post_init__(self):
+    if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0:
+      raise ValueError(f"ToMeConfig.r must be an int >= 0; got {self.r!r}")
+    if self.layers is not None:
+      object.__setattr__(self, "layers", _int_tuple(self.layers, "layers"))
+
+  def replace(self, **kw) -> "ToMeConfig":
+    return dataclasses.replace(self, **kw)
+
+  def __call__(self, x, token_mask, size, keys, *, layer, num_special=0):
+    """Block hook: ``x (B, L, D) -> (B, L - r, D)`` with sizes tracked. ToMe works
+    on unpadded sequences; the model never pads before a ToMe block."""
+    if self.r == 0 or (self.layers is not None and layer not in self.layers):
+      return x, token_mask, size, {}
+    y, size, record = tome_lib.tome(x, self.r, metric=keys, size=size,
+                                    class_token=num_special > 0)
+    return y, jnp.ones(y.shape[:2], bool), size, {"record": record}
+
+
+def _int_tuple(values, name) -> tuple:
+  try:
+    out = tuple(int(v) for v in values)
+  except TypeError as e:
+    raise ValueError(f"{name} must be a sequence of block indices; got {values!r}") from e
+  if any(v < 0 for v in out):
+    raise ValueError(f"{name} must be >= 0; got {out}")
+  return out

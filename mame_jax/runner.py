@@ -1,0 +1,144 @@
+"""Running a merged model: one compiled program per capacity schedule.
+
+``Runner(model, params)(images) -> (output, aux)`` runs the whole forward, from
+embedding to logits, as one jitted program for a static *capacity schedule* (one
+capacity per merge layer). The model's ``merge`` config says how:
+
+* ``mode="exact"`` (inference default): capacities are buckets
+  (``bucket_step`` multiples, or the layer's full N). If any layer overflows --
+  more preserved tokens than its capacity -- every overflowing layer grows to
+  the bucket that holds what it needed and the batch runs again, so no preserved
+  token is ever dropped. The schedule only grows, so over a dataset it settles
+  after a few batches; every schedule's program is cached (``num_programs``).
+* ``mode="fixed"``: the config's capacities, once; dropped tokens are counted in
+  ``aux["dropped"]``.
+
+ToMe configs and plain models run once, as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mame_jax.buckets import bucket_for, linear_buckets
+from mame_jax.merge import merged_length, num_sources
+from mame_jax.merging import MergeConfig
+
+
+def sequence_lengths(model, image_hw) -> tuple[int, int]:
+  """``(tokens entering block 0, num_special)`` for ``image_hw = (H, W)``."""
+  ph, pw = (model.patch_size, model.patch_size) if np.ndim(model.patch_size) == 0 else model.patch_size
+  ns = 1 if model.has_class_token else 0
+  return (image_hw[0] // ph) * (image_hw[1] // pw) + ns, ns
+
+
+def layer_lengths(cfg: MergeConfig, depth: int, length: int, num_special: int) -> list[int]:
+  """Tokens entering each block (static) under ``cfg``'s capacities."""
+  out = []
+  for layer in range(depth):
+    out.append(length)
+    if layer in cfg.layers:
+      length = merged_length(length, num_special, cfg.capacity(layer, length, num_special))
+  return out
+
+
+class Runner:
+  """Jitted, cached forward of ``model`` (a ``mame_jax.vit`` ViT) with ``params``.
+
+  Attributes:
+    schedule: the current capacity schedule (exact mode), one per merge layer.
+    num_programs: how many programs were compiled (one per schedule and shape).
+    reruns: batches run again because a layer overflowed.
+  """
+
+  def __init__(self, model, params, *, initial_fraction: float = 0.5):
+    self.model, self.params = model, params
+    self.cfg = model.merge
+    self._programs = {}
+    self.reruns = 0
+    self.schedule: Optional[tuple] = None
+    self._initial_fraction = initial_fraction
+    cfg = self.cfg
+    if isinstance(cfg, MergeConfig) and any(l >= model.depth for l in cfg.layers):
+      raise ValueError(f"MergeConfig.layers {cfg.layers} name blocks beyond the model's "
+                       f"depth {model.depth}")
+
+  @property
+  def num_programs(self) -> int:
+    return len(self._programs)
+
+  @property
+  def exact(self) -> bool:
+    return (isinstance(self.cfg, MergeConfig) and self.cfg.mode == "exact"
+            and self.cfg.active)
+
+  def program(self, schedule: Optional[tuple], shape):
+    """The jitted forward for a schedule (None: the model's own config)."""
+    k = (schedule, tuple(shape))
+    if k not in self._programs:
+      model = self.model
+      if schedule is not None:
+        model = model.clone(merge=self.cfg.replace(capacities=schedule))
+      self._programs[k] = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    return self._programs[k]
+
+  def _buckets(self, schedule, length, ns):
+    """Bucket sets of every merge layer under ``schedule``."""
+    cfg = self.cfg.replace(capacities=schedule)
+    lengths = layer_lengths(cfg, self.model.depth, length, ns)
+    return [linear_buckets(num_sources(lengths[l], ns), cfg.bucket_step) for l in cfg.layers]
+
+  def _initial_schedule(self, length, ns):
+    """A first guess, ``initial_fraction`` of each layer's N; exact mode grows it."""
+    caps = []
+    for i in range(len(self.cfg.layers)):
+      schedule = tuple(caps) + (None,) * (len(self.cfg.layers) - i)
+      buckets = self._buckets(schedule, length, ns)[i]
+      caps.append(bucket_for(int(buckets[-1] * self._initial_fraction), buckets))
+    return tuple(caps)
+
+  def __call__(self, images):
+    """``images (B, H, W, 3)`` in [-1, 1] -> ``(output, aux)``; in exact mode
+    ``aux["capacities"]`` is the schedule used and nothing was dropped."""
+    images = jnp.asarray(images)
+    if not self.exact:
+      out, aux = self.program(None, images.shape)(self.params, images)
+      return out, _summarise(self.cfg, aux)
+    length, ns = sequence_lengths(self.model, images.shape[1:3])
+    if self.schedule is None:
+      self.schedule = self._initial_schedule(length, ns)
+    while True:
+      out, aux = self.program(self.schedule, images.shape)(self.params, images)
+      aux = _summarise(self.cfg, aux)
+      over = np.asarray(aux["overflow"])
+      if not over.any():
+        aux["capacities"] = self.schedule
+        return out, aux
+      # Grow every overflowing layer to the bucket holding what it needed. Later
+      # layers saw truncated inputs, so they may overflow again next round; the
+      # schedule only grows, so this ends (at worst at full capacity).
+      need = np.asarray(aux["num_preserved"])
+      caps = list(self.schedule)
+      for i in range(len(caps)):
+        if over[i]:
+          buckets = self._buckets(tuple(caps), length, ns)[i]
+          caps[i] = bucket_for(min(int(need[i]), buckets[-1]), buckets)
+      self.schedule = tuple(caps)
+      self.reruns += 1
+
+
+def _summarise(cfg, aux):
+  """Adds per-merge-layer ``num_preserved``, ``overflow``, ``dropped`` (B, layers)
+  to ``aux`` for MaMe configs."""
+  if not isinstance(cfg, MergeConfig) or not cfg.active:
+    return aux
+  infos = [aux[f"block{l:02d}"]["merge"]["info"] for l in cfg.layers]
+  aux = dict(aux)
+  aux["num_preserved"] = np.array([int(i.num_preserved) for i in infos])
+  aux["overflow"] = np.array([bool(i.overflow) for i in infos])
+  aux["dropped"] = np.stack([np.asarray(i.dropped) for i in infos], axis=1)
+  return aux

@@ -1,0 +1,189 @@
+"""MaMe and ToMe inside the ViT (eqs. 14-16) and the exact / fixed runners."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mame_jax as mj
+from mame_jax import checkpoints
+
+enable_x64 = jax.enable_x64 if hasattr(jax, "enable_x64") else jax.experimental.enable_x64
+TINY = dict(width=32, depth=4, num_heads=2, mlp_dim=64, patch_size=8)
+
+
+def photos(n=4, size=64):
+  """Real photographs (skimage.data) in [-1, 1]: merging has structure to find."""
+  import skimage.data
+  import skimage.transform
+  names = ["astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field"]
+  out = []
+  for name in names[:n]:
+    img = getattr(skimage.data, name)()
+    img = np.stack([img] * 3, -1) if img.ndim == 2 else img[..., :3]
+    out.append(skimage.transform.resize(img, (size, size), anti_aliasing=True) * 2 - 1)
+  return jnp.asarray(np.stack(out), jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  x = photos()
+  models = {pool: mj.Model(10, pool_type=pool, head_zeroinit=False, **TINY) for pool in ("tok", "gap", "map")}
+  params = {pool: jax.jit(m.init)(jax.random.key(0), x)["params"] for pool, m in models.items()}
+  return x, models, params
+
+
+def test_tau_of_one_gives_exactly_the_plain_model(setup):
+  x, models, params = setup
+  plain, _ = mj.Runner(models["tok"], params["tok"])(x)
+  merged = models["tok"].clone(merge=mj.MergeConfig(tau=1.0, layers=(0, 1, 2)))
+  y, aux = mj.Runner(merged, params["tok"])(x)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(plain))
+  np.testing.assert_array_equal(np.asarray(aux["tokens_per_block"]), 65)
+
+
+@pytest.mark.parametrize("metric", ["tokens", "keys"])
+def test_merge_in_the_block_equals_mame_by_hand_between_attention_and_mlp(setup, metric):
+  x, models, params = setup
+  cfg = mj.MergeConfig(tau=0.3, layers=(0, 2), metric=metric)
+  _, aux = models["tok"].clone(merge=cfg).apply({"params": params["tok"]}, x)
+  mask = None
+  for layer in range(4):
+    block = aux[f"block{layer:02d}"]
+    after_attention = block["+sa"]
+    fed_to_mlp = block["+mlp"] - block["mlp"]
+    if layer not in cfg.layers:
+      np.testing.assert_allclose(np.asarray(fed_to_mlp), np.asarray(after_attention), atol=1e-6)
+      continue
+    keys = _block_keys(models["tok"], params["tok"], aux, layer) if metric == "keys" else None
+    length = after_attention.shape[1]
+    want, info = mj.mame(after_attention, 0.3, num_special=1, token_mask=mask, metric=keys,
+                         capacity=(length - 1 + 1) // 2)  # the full capacity N
+    np.testing.assert_allclose(np.asarray(fed_to_mlp), np.asarray(want), atol=2e-5)
+    np.testing.assert_array_equal(np.asarray(block["merge"]["info"].token_mask),
+                                  np.asarray(info.token_mask))
+    mask = info.token_mask
+
+
+def _block_keys(model, params, aux, layer):
+  """The attention keys of ``layer`` averaged over heads, recomputed by hand."""
+  p = params["Transformer"][f"encoderblock_{layer}"]
+  inp = aux[f"block{layer - 1:02d}"]["+mlp"] if layer else _block_input(model, params, aux)
+  mean, var = inp.mean(-1, keepdims=True), inp.var(-1, keepdims=True)
+  ln = (inp - mean) / jnp.sqrt(var + 1e-6) * p["LayerNorm_0"]["scale"] + p["LayerNorm_0"]["bias"]
+  k = jnp.einsum("bld,dhk->blhk", ln, p["MultiHeadDotProductAttention_0"]["key"]["kernel"])
+  k = k + p["MultiHeadDotProductAttention_0"]["key"]["bias"]
+  return k.mean(-2)
+
+
+def _block_input(model, params, aux):
+  cls = jnp.broadcast_to(params["cls"], (aux["with_posemb"].shape[0], 1, model.width))
+  return jnp.concatenate([cls, aux["with_posemb"]], axis=1)
+
+
+@pytest.mark.parametrize("pool", ["map"])  # the masked MAP head; gap/tok pooling: test_vit
+def test_exact_mode_equals_full_capacity_and_drops_nothing(setup, pool):
+  # float64 inputs: eq. (7)'s threshold is a hard decision, and programs of
+  # different padded lengths can round a near-tie either way.
+  x, models, params = setup
+  with enable_x64(True):
+    x64 = jnp.asarray(x, jnp.float64)
+    p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params[pool])
+    cfg = mj.MergeConfig(tau=0.6, layers=(0, 2))
+    full_cfg = cfg.replace(mode="fixed", capacities=(None,) * 2)  # capacity N everywhere
+    full, full_aux = mj.Runner(models[pool].clone(merge=full_cfg), p64)(x64)
+    runner = mj.Runner(models[pool].clone(merge=cfg), p64, initial_fraction=0.0)
+    y, aux = runner(x64)
+    assert runner.reruns >= 1, "capacity 0 must overflow on photographs at tau=0.6"
+    assert not aux["overflow"].any() and int(aux["dropped"].sum()) == 0
+    np.testing.assert_allclose(np.asarray(y), np.asarray(full), atol=1e-5)  # float32 matmuls
+    np.testing.assert_array_equal(np.asarray(aux["tokens_per_block"]),
+                                  np.asarray(full_aux["tokens_per_block"]))
+    assert runner.num_programs == runner.reruns + 1
+    # A second batch of the same kind reuses the settled schedule: no new program.
+    runner(x64[::-1])
+    assert runner.num_programs == runner.reruns + 1 <= 1 + len(cfg.layers) * 3
+
+
+def test_exact_mode_schedule_uses_buckets_and_shortens_the_sequence(setup):
+  x, models, params = setup
+  runner = mj.Runner(models["tok"].clone(merge=mj.MergeConfig(tau=0.6, layers=(0, 1))),
+                     params["tok"])
+  _, aux = runner(x)
+  caps = aux["capacities"]
+  assert all(c % 16 == 0 or c == n for c, n in zip(caps, (32, 16 + caps[0] // 2 + 1)))
+  assert all(int(r) <= c for r, c in zip(aux["num_preserved"], caps))
+  assert aux["encoded"].shape[1] < 65
+
+
+def test_fixed_mode_counts_dropped_tokens(setup):
+  x, models, params = setup
+  cfg = mj.MergeConfig(tau=0.6, layers=(0, 2), mode="fixed")
+  y, aux = mj.Runner(models["tok"].clone(merge=cfg), params["tok"])(x)
+  # Capacity 0 at each merge: 2:1 reduction, preserved tokens dropped and counted.
+  np.testing.assert_array_equal(np.asarray(aux["tokens_per_block"][0]), [33, 33, 17, 17])
+  assert int(aux["dropped"].sum()) > 0
+  np.testing.assert_array_equal(aux["dropped"][:, 0] > 0, aux["overflow"][0])
+
+
+def test_tome_with_r_zero_is_the_plain_model_and_r_removes_r_tokens(setup):
+  x, models, params = setup
+  plain, _ = mj.Runner(models["tok"], params["tok"])(x)
+  y0, _ = mj.Runner(models["tok"].clone(merge=mj.ToMeConfig(r=0)), params["tok"])(x)
+  np.testing.assert_array_equal(np.asarray(y0), np.asarray(plain))
+  y, aux = mj.Runner(models["tok"].clone(merge=mj.ToMeConfig(r=6)), params["tok"])(x)
+  np.testing.assert_array_equal(np.asarray(aux["tokens_per_block"][0]), [59, 53, 47, 41])
+  assert not np.allclose(np.asarray(y), np.asarray(plain), atol=1e-4)
+  _, aux_np = mj.Runner(models["tok"].clone(merge=mj.ToMeConfig(r=6, prop_attn=False)),
+                        params["tok"])(x)
+  assert not np.allclose(np.asarray(aux["block01"]["sa"]), np.asarray(aux_np["block01"]["sa"]))
+
+
+def test_load_model_passes_the_merge_config(tmp_path, setup):
+  x, models, params = setup
+  path = tmp_path / "vit.npz"
+  checkpoints.save_npz(params["tok"], path)
+  model, loaded = mj.load_model(path, merge=mj.MergeConfig(tau=0.3, layers=(0,)))
+  assert model.merge == mj.MergeConfig(tau=0.3, layers=(0,))
+  y, aux = mj.Runner(model, loaded)(x)
+  want, _ = models["tok"].clone(merge=model.merge).apply({"params": params["tok"]}, x)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(want), atol=2e-5)
+
+
+def test_random_partition_and_causal_run_in_the_model(setup):
+  x, models, params = setup
+  for cfg in (mj.MergeConfig(tau=0.3, layers=(0,), partition="random", seed=3),
+              mj.MergeConfig(tau=0.3, layers=(0,), causal=True)):
+    y, aux = mj.Runner(models["gap"].clone(merge=cfg), params["gap"])(x)
+    assert np.all(np.isfinite(np.asarray(y))) and int(aux["tokens_per_block"][0, 0]) < 65
+
+
+def test_merge_is_differentiable_inside_the_model(setup):
+  x, models, params = setup
+  model = models["gap"].clone(merge=mj.MergeConfig(tau=0.3, layers=(0, 1), mode="fixed",
+                                                    capacities=(8, 8)))
+  g = jax.jit(jax.grad(lambda p: model.apply({"params": p}, x)[0].sum()))(params["gap"])
+  leaves = jax.tree.leaves(g)
+  assert all(np.all(np.isfinite(np.asarray(l))) for l in leaves)
+  assert any(float(jnp.abs(l).sum()) > 0 for l in leaves)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(tau=float("inf")), "tau must be a finite"),
+    (dict(layers=(0, 1), capacities=(4,)), "one entry per merge layer"),
+    (dict(capacities=(-1,) * 8), "capacities must be >= 0"),
+    (dict(mode="approximate"), "mode must be one of"),
+    (dict(metric="values"), "metric must be one of"),
+    (dict(layers=(-1,)), "layers must be >= 0"),
+])
+def test_bad_merge_config(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    mj.MergeConfig(**kwargs)
+
+
+def test_runner_refuses_layers_beyond_depth(setup):
+  _, models, params = setup
+  with pytest.raises(ValueError, match="beyond the model's depth"):
+    mj.Runner(models["tok"].clone(merge=mj.MergeConfig(layers=(0, 9))), params["tok"])
+  with pytest.raises(ValueError, match="r must be an int"):
+    mj.ToMeConfig(r=-2)
