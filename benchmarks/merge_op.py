@@ -176,7 +176,7 @@ def bench_case(b, l, d, dtype, outliers, warmup, runs, budget):
 
 
 def _too_big(what, need, budget):
-  return f"{what} skipped: needs ~{need / 2**30:.0f} GiB > {budget / 2**30:.0f} GiB budget"
+  return f"{what} skipped: needs ~{need / 2**30:.1f} GiB > {budget / 2**30:.1f} GiB budget"
 
 
 def _out_of_memory(e: Exception) -> bool:

@@ -26,6 +26,7 @@ is, ``source`` which pool entry each output token comes from.
 
 from __future__ import annotations
 
+import functools
 import math
 import flax.struct
 import jax
@@ -258,9 +259,23 @@ def fusion_weights(s, tau, eps=1e-6, pair_mask=None):
   if pair_mask is not None:
     s_t = s_t * pair_mask
   w = s_t / (s_t.sum(axis=1, keepdims=True) + eps)             # (4)
-  count = (w / (w + eps)).sum(axis=1, keepdims=True)           # (6) soft count C_j
-  zeta = w.sum(axis=1, keepdims=True) / (count + eps)          # (5)
-  w_t = jax.nn.relu(w - zeta)                                  # (7)
+  # (5)-(7), evaluated so that the sign of W_ij - zeta_j survives float32.
+  # For a source with k equal positive weights, W_ij - zeta_j is negative by only
+  # ~eps^2 (about 1e-12 of W), far below float32's resolution, so the literal
+  # `w - sum(w) / (C + eps)` rounds either way depending on how XLA orders the
+  # arithmetic. With K_j the number of positive weights and
+  # D_j = sum_{W_ij>0} eps / (W_ij + eps), eq. (6) is exactly C_j = K_j - D_j
+  # (since W / (W + eps) = 1 - eps / (W + eps)), and
+  #   (W_ij - zeta_j) (C_j + eps) = (K_j W_ij - sum_i W_ij) + W_ij (eps - D_j),
+  # whose first term is exactly 0 for equal weights and whose second carries the
+  # tiny difference with full relative precision. Same values and gradients.
+  positive = w > 0
+  k = positive.sum(axis=1, keepdims=True).astype(w.dtype)
+  d = jnp.where(positive, eps / (w + eps), 0).sum(axis=1, keepdims=True)
+  count = k - d                                                # (6) C_j
+  total = w.sum(axis=1, keepdims=True)
+  excess = (k * w - total) + w * (eps - d)                     # (W - zeta) (C + eps)
+  w_t = jax.nn.relu(excess / (count + eps))                    # (5), (7)
   return w_t / (w_t.sum(axis=1, keepdims=True) + eps)          # (8)
 
 
@@ -319,8 +334,11 @@ def mame(x, tau, *, num_special=0, eps=1e-6, capacity=None, token_mask=None,
   return y[:, :length], info
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 6, 7, 8))
 def _mame(x, tau, num_special, eps, capacity, token_mask, partition, similarity,
           causal, key, metric):
+  # One compiled program per shape and option set, also for eager calls; inside
+  # an outer jit this is simply inlined.
   b, l, _ = x.shape
   ns = num_special
   m_dst, n_src = (l - ns) // 2, (l - ns + 1) // 2

@@ -41,6 +41,11 @@ def mare(y, info: MergeInfo) -> jax.Array:
   if tuple(y.shape[:2]) != tuple(info.token_mask.shape):
     raise ValueError(f"y must have shape (B, L_out, D) with (B, L_out) = "
                      f"{tuple(info.token_mask.shape)} from info; got {tuple(y.shape)}")
+  return _mare(y, info)
+
+
+@jax.jit
+def _mare(y, info):
   ns, m = info.num_special, info.num_dst
   dtype = compute_dtype(y.dtype)
   yc = y.astype(dtype)

@@ -1,0 +1,176 @@
+"""ViT throughput with MaMe and ToMe: images/s, GFLOPs, tokens per layer.
+
+    python benchmarks/vit_throughput.py --quick                  # ViT-S/16, batch 8 (CPU, minutes)
+    python benchmarks/vit_throughput.py                          # ViT-S/16 and ViT-B/16, batch 32
+    python benchmarks/vit_throughput.py --batch 256 --dtype bfloat16   # on a GPU
+
+For each model (random weights unless ``--checkpoint``; the token counts of a
+trained model differ, the cost of a given token count does not) and one batch of
+real photographs (skimage.data, resized, tiled to the batch size), it times the
+whole jitted forward (``mame_jax.timing.time_fn``: compile first, then the median
+of timed runs, each ending in ``block_until_ready``) for:
+
+* ``baseline`` -- the plain ViT;
+* ``mame`` -- MaMe in the first 8 blocks at ``tau`` (exact mode: the capacity
+  schedule is settled first by ``mame_jax.Runner``, then that one program is timed);
+* ``tome`` -- ToMe in every block with the ``r`` whose XLA GFLOPs come closest
+  to MaMe's (chosen by an analytic per-block cost model, then measured);
+* ``slice`` -- the MaMe schedule with the merge replaced by a free truncation to
+  the same lengths: ``mame - slice`` is what MaMe's own operations cost.
+
+``ideal`` speedup = baseline GFLOPs / method GFLOPs (XLA cost analysis of the
+compiled program, padding included); ``measured/ideal`` shows how much of the
+token reduction turns into speed. Results are printed and saved as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import shlex
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import mame_jax as mj
+from mame_jax import demo, timing
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceTo:
+  """A stand-in merge with no arithmetic: keeps the first ``length`` tokens at each
+  merge layer (the same static shapes as a MaMe schedule)."""
+  lengths: tuple  # (layer, output length) pairs
+
+  def __call__(self, x, token_mask, size, keys, *, layer, num_special=0):
+    for l, n in self.lengths:
+      if l == layer:
+        return x[:, :n], token_mask[:, :n], None, {}
+    return x, token_mask, size, {}
+
+
+def block_flops(length, width, mlp_dim):
+  """Analytic multiply-adds x2 of one block at ``length`` tokens."""
+  return 2 * length * (4 * width * width + 2 * width * mlp_dim) + 4 * length * length * width
+
+
+def tome_r_matching(model, length, target_flops_ratio):
+  """The ToMe ``r`` (every block) whose analytic cost ratio is closest to the target."""
+  mlp = model.mlp_dim or 4 * model.width
+  base = sum(block_flops(length, model.width, mlp) for _ in range(model.depth))
+  best = (None, 1e9)
+  ns = 1 if model.has_class_token else 0
+  for r in range(0, (length - ns) // 2 + 1):
+    n, cost = length, 0
+    for _ in range(model.depth):
+      cost += block_flops(n, model.width, mlp)
+      n = max(n - min(r, (n - ns) // 2), ns + 1)
+    gap = abs(cost / base - target_flops_ratio)
+    if gap < best[1]:
+      best = (r, gap)
+  return best[0]
+
+
+def measure(name, fn, params, images, runs, extra):
+  t = timing.time_fn(fn, params, images, warmup=2, runs=runs)
+  g = timing.gflops(fn, params, images) / images.shape[0]
+  row = dict(method=name, images_per_s=images.shape[0] / t.median_s, ms_per_batch=t.median_s * 1e3,
+             gflops_per_image=g, compile_s=t.compile_s, **extra)
+  print(f"  {name:<9} {row['images_per_s']:8.1f} img/s  {g:7.3f} GFLOPs/img  "
+        f"(median of {runs}, compile {t.compile_s:.1f}s)", flush=True)
+  return row
+
+
+def bench_model(variant, args, images):
+  dtype = args.dtype
+  model = mj.Model(1000, variant=variant, pool_type="tok", dtype_mm=dtype)
+  if args.checkpoint:
+    model, params = mj.load_model(args.checkpoint, dtype_mm=dtype)
+  else:
+    params = jax.jit(model.init)(jax.random.key(0), images[:1])["params"]
+  print(f"ViT-{variant}, batch {images.shape[0]}, {dtype}", flush=True)
+  rows = []
+  base_fn = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
+  rows.append(measure("baseline", base_fn, params, images, args.runs,
+                      dict(tokens_per_layer=[float(images.shape[1] // 16) ** 2 + 1] * model.depth)))
+
+  layers = tuple(range(min(8, model.depth)))
+  runner = mj.Runner(model.clone(merge=mj.MergeConfig(tau=args.tau, layers=layers)), params)
+  _, aux = runner(images)
+  tokens = np.asarray(aux["tokens_per_block"]).mean(0).round(1).tolist()
+  mame_fn = runner.program(runner.schedule, images.shape)
+  mame_row = measure("mame", lambda p, x: mame_fn(p, x)[0], params, images, args.runs,
+                     dict(tau=args.tau, capacities=list(runner.schedule), tokens_per_layer=tokens,
+                          reruns=runner.reruns))
+  rows.append(mame_row)
+
+  lengths, n = [], images.shape[1] // 16 * (images.shape[2] // 16) + 1
+  cfg = runner.cfg.replace(capacities=runner.schedule)
+  for l in layers:
+    n = mj.merge.merged_length(n, 1, cfg.capacity(l, n, 1))
+    lengths.append((l, n))
+  slice_model = model.clone(merge=SliceTo(tuple(lengths)))
+  slice_fn = jax.jit(lambda p, x: slice_model.apply({"params": p}, x)[0])
+  rows.append(measure("slice", slice_fn, params, images, args.runs, dict(lengths=lengths)))
+
+  length = images.shape[1] // 16 * (images.shape[2] // 16) + 1
+  r = tome_r_matching(model, length, rows[0]["gflops_per_image"] and
+                      mame_row["gflops_per_image"] / rows[0]["gflops_per_image"])
+  tome_model = model.clone(merge=mj.ToMeConfig(r=r))
+  tome_fn = jax.jit(lambda p, x: tome_model.apply({"params": p}, x))
+  _, taux = tome_fn(params, images)
+  rows.append(measure("tome", lambda p, x: tome_fn(p, x)[0], params, images, args.runs,
+                      dict(r=r, tokens_per_layer=np.asarray(taux["tokens_per_block"]).mean(0)
+                           .round(1).tolist())))
+
+  base = rows[0]
+  for row in rows:
+    row["model"] = f"ViT-{variant}"
+    row["measured_speedup"] = row["images_per_s"] / base["images_per_s"]
+    row["ideal_speedup"] = base["gflops_per_image"] / row["gflops_per_image"]
+    row["measured_over_ideal"] = row["measured_speedup"] / row["ideal_speedup"]
+  slice_ms, mame_ms = rows[2]["ms_per_batch"], mame_row["ms_per_batch"]
+  mame_row["merge_share_of_forward"] = max(mame_ms - slice_ms, 0.0) / mame_ms
+  return rows
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--variants", nargs="+", default=["S/16", "B/16"])
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--tau", type=float, default=0.8)
+  parser.add_argument("--runs", type=int, default=5)
+  parser.add_argument("--checkpoint", default=None)
+  parser.add_argument("--quick", action="store_true", help="ViT-S/16 at batch 8")
+  parser.add_argument("--json", default="results/vit_throughput.json")
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.variants, args.batch, args.runs = ["S/16"], 8, 3
+
+  photos = demo.photographs(224)
+  images = jnp.asarray(np.resize(photos, (args.batch,) + photos.shape[1:]))
+  rows = []
+  for variant in args.variants:
+    rows += bench_model(variant, args, images)
+  columns = ["model", "method", "tau", "r", "images_per_s", "gflops_per_image", "measured_speedup",
+             "ideal_speedup", "measured_over_ideal", "merge_share_of_forward"]
+  print()
+  print(timing.format_table(rows, columns))
+  for row in rows:
+    if "tokens_per_layer" in row:
+      print(f"{row['model']} {row['method']:<9} tokens per block: {row['tokens_per_layer']}")
+  out = dict(device=timing.device_description(), date=timing.today(), batch=args.batch,
+             dtype=args.dtype, command="python " + " ".join(map(shlex.quote, sys.argv)), rows=rows)
+  path = pathlib.Path(args.json)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(out, indent=1, default=float))
+  print(f"\nsaved {path}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,44 @@
+"""The ``mame-jax`` command: ``mame-jax SUBCOMMAND [args]``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, function, one-line help); modules load only when used.
+COMMANDS = {
+    "demo": ("mame_jax.demo", "main", "MaMe on the skimage.data photographs: tokens per layer"),
+    "convert": ("mame_jax.cli", "convert_main", "convert a timm checkpoint to big_vision .npz"),
+}
+
+
+def convert_main(argv) -> int:
+  import argparse
+  from mame_jax import checkpoints
+  parser = argparse.ArgumentParser(prog="mame-jax convert",
+                                   description="timm DeiT/MAE weights -> big_vision .npz")
+  parser.add_argument("src", help=".safetensors (or .pth with torch installed)")
+  parser.add_argument("dst", help="output .npz")
+  parser.add_argument("--num-heads", type=int, default=None,
+                      help="heads (timm files don't store it; default from the width)")
+  args = parser.parse_args(argv)
+  out = checkpoints.convert(args.src, args.dst, num_heads=args.num_heads)
+  print(f"wrote {out}")
+  return 0
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    lines = [f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    print("usage: mame-jax SUBCOMMAND [args]\n\nsubcommands:\n" + "\n".join(lines))
+    if argv and argv[0] not in ("-h", "--help"):
+      print(f"\nmame-jax: unknown subcommand {argv[0]!r}", file=sys.stderr)
+      return 2
+    return 0
+  module, function, _ = COMMANDS[argv[0]]
+  return int(getattr(importlib.import_module(module), function)(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
