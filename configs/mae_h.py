@@ -1,0 +1,57 @@
+"""MAE ViT-H/14, fine-tuned on ImageNet-1k: Table 1, "ViT-H (MAE)".
+
+Paper: Table 1, ViT-H (MAE): baseline 86.88% / 167.4 GFLOPs / 299 img/s; MaMe
+85.51% / 93.2 / 908 (3.04x); ToMe 85.54% / 99.1 / 512 (A100, batch 1024, FP16).
+
+    mame-jax eval --config configs/mae_h.py
+    mame-jax eval --config configs/mae_h.py:batch_size=512,dtype=bfloat16 --limit 5000
+    mame-jax calibrate --config configs/mae_h.py --target-speedup 2 --limit 10000
+
+Rows: baseline, MaMe (tau = 0.8, the first 8 blocks, the paper's training-free
+default) and ToMe (r = 7, every block, proportional attention) -- ToMe's r for
+about half the baseline's FLOPs, as its Table 1 row. Our GFLOPs are XLA's count
+(2 FLOPs per multiply-add): about twice the paper's fvcore figures. Throughput
+depends on the device and dtype: compare the *ratios* (speedup columns) with the
+paper's, not the images/s.
+
+Data: ImageNet-1k validation for tfds (``imagenet2012``), prepared once offline
+(``tfds build imagenet2012 --file_format=array_record`` with the ILSVRC2012
+tarballs in the manual dir); ``:data=imagenette`` or ``--data PATH`` (class
+folders) for a quick look.
+
+Checkpoint: the *fine-tuned* MAE ViT-H/14 classifier the paper evaluates, from
+the MAE release (``mae_finetuned_vit_huge.pth``). It is a PyTorch ``.pth``:
+reading it needs torch (``pip install torch``, CPU build), or convert it once to
+safetensors where torch is installed (see ``mame_jax.checkpoints``). Note that
+``timm/vit_huge_patch14_224.mae`` on the hub is the *pretrained* encoder without
+a classifier head: it cannot give Table 1's accuracy. Downloaded once into
+``~/.cache/mame_jax`` (``$MAME_JAX_CACHE``); ``--checkpoint PATH`` uses a local
+file instead.
+
+``arg``: comma-separated ``key=value`` overrides of batch_size, dtype
+(``float32`` | ``bfloat16`` | ``float16``; the paper times FP16), data, tau,
+tome_r (0: no ToMe row), limit (0: all images).
+"""
+
+import ml_collections
+
+from mame_jax.evaluate import parse_config_arg
+
+CHECKPOINT = "https://dl.fbaipublicfiles.com/mae/finetune/mae_finetuned_vit_huge.pth"
+
+
+def get_config(arg=None):
+  arg = parse_config_arg(arg, batch_size=256, dtype="float32", data="imagenet2012",
+                         tau=0.8, tome_r=7, limit=0)
+  config = ml_collections.ConfigDict()
+  config.checkpoint = CHECKPOINT
+  config.data = arg.data
+  config.preprocess = "timm"
+  config.image_size = 224
+  config.merge_layers = "0-7"
+  config.tau = [arg.tau]
+  config.tome_r = [arg.tome_r] if arg.tome_r else []
+  config.batch_size = arg.batch_size
+  config.dtype = arg.dtype
+  config.limit = arg.limit or None
+  return config

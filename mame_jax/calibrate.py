@@ -1,0 +1,463 @@
+"""Choosing tau automatically: the largest tau that meets a FLOP budget.
+
+The paper leaves tau to the user (0.8 for the off-the-shelf models). Here a
+target -- an *ideal speedup* (baseline FLOPs / merged FLOPs) or GFLOPs per
+image -- is met on a few calibration batches:
+
+    mame-jax calibrate --checkpoint deit_small.safetensors --data imagenet2012 \\
+        --target-speedup 2 --calib-images 512 --limit 10000
+
+How. Fewer tokens survive a lower tau (tokens kept is monotone in tau), so the
+FLOPs are monotone too and a bisection finds the largest tau whose FLOPs meet
+the target. Each candidate needs only the token counts, and the FLOPs come
+from them analytically (:func:`vit_gflops`: per block, the attention
+``2 L D (4 D) + 4 L^2 D`` for its ``L`` tokens in, the merge ``4 M N D``, the
+MLP ``4 L' D mlp_dim`` for its ``L'`` tokens out, plus patch embedding and
+head), so no candidate is compiled: the counting program takes tau as a
+*traced* argument and runs with full capacities (nothing dropped), compiled
+once for the whole search. The speedup is the ratio of the mean analytic
+GFLOPs per image, i.e. the ideal speedup on the calibration data; a GFLOPs
+target is first turned into a speedup with XLA's count for the baseline, so it
+is in the units of ``mame-jax eval``'s table (the analytic model ignores the
+element-wise work that XLA also counts, a few percent).
+
+* ``per_layer=False``: one tau for every merge layer, bisected on
+  ``[lo, hi]`` (default ``[-1, 1]``, the range of cosine similarity); the
+  result meets the target on the calibration data by construction (the lower
+  end of the bracket always does).
+* ``per_layer=True``: one tau per merge layer. Every merge layer is asked to
+  keep the same fraction ``rho`` of its mergeable tokens; ``rho`` is the
+  largest for which that token schedule meets the target (arithmetic only),
+  then each layer's tau is bisected in turn, first layer first (later layers
+  not merging yet), to keep at most ``rho``. If the result falls short
+  (token counts are discrete and interact through the layers) ``rho`` is
+  lowered and the layers solved again, at most ``max_rounds`` times;
+  ``Calibration.met`` says whether the target was reached.
+
+Afterwards the chosen config can be evaluated on held-out data (``heldout=``
+in Python; the CLI holds out every image after the calibration ones), with
+``mame_jax.evaluate``: accuracy, measured and ideal speedup from XLA.
+
+Per-layer thresholds need a merge config with one tau per layer:
+:class:`LayerwiseMergeConfig`, a ``MergeConfig`` with ``taus`` that the runner
+drives like any other (exact mode, buckets). Calibration runs on one device in
+one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mame_jax import data as data_lib
+from mame_jax import evaluate as eval_lib
+from mame_jax import timing
+from mame_jax.merge import is_traced, mame
+from mame_jax.merging import MergeConfig
+from mame_jax.runner import sequence_lengths
+
+DEFAULTS = {**eval_lib.DEFAULTS, "tau": [], "target_speedup": None, "target_gflops": None,
+            "per_layer": False, "calib_images": 256, "calib_data": None, "tol": 1e-3}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerwiseMergeConfig(MergeConfig):
+  """A ``MergeConfig`` with one threshold per merge layer: ``taus[i]`` is the
+  tau of block ``layers[i]`` (``tau`` is then unused). ``taus`` may hold traced
+  scalars inside a jitted function (calibration); every other field means
+  what it means in ``MergeConfig``."""
+
+  taus: Optional[tuple] = None
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.taus is None:
+      return
+    taus = tuple(self.taus)
+    if len(taus) != len(self.layers):
+      raise ValueError(f"LayerwiseMergeConfig.taus needs one tau per merge layer "
+                       f"({len(self.layers)}); got {len(taus)}")
+    if not is_traced(*taus):
+      taus = tuple(float(t) for t in taus)
+      if not all(math.isfinite(t) for t in taus):
+        raise ValueError(f"LayerwiseMergeConfig.taus must be finite; got {taus}")
+    object.__setattr__(self, "taus", taus)
+
+  @property
+  def active(self) -> bool:
+    if self.taus is None:
+      return super().active
+    if is_traced(*self.taus) or self.similarity != "cosine":
+      return bool(self.layers)
+    return bool(self.layers) and any(t < 1 for t in self.taus)
+
+  def __call__(self, x, token_mask, size, keys, *, layer, num_special=0):
+    """As ``MergeConfig.__call__`` with this layer's tau."""
+    if self.taus is None:
+      return super().__call__(x, token_mask, size, keys, layer=layer, num_special=num_special)
+    if layer not in self.layers or not self.active:
+      return x, token_mask, size, {}
+    c = self.capacity(layer, x.shape[1], num_special)
+    key = (jax.random.fold_in(jax.random.key(self.seed), layer)
+           if self.partition == "random" else None)
+    y, info = mame(x, self.taus[self.layers.index(layer)], num_special=num_special,
+                   eps=self.eps, capacity=c, token_mask=token_mask, partition=self.partition,
+                   similarity=self.similarity, causal=self.causal, key=key,
+                   metric=keys if self.metric == "keys" else None)
+    return y, info.token_mask, None, {"info": info}
+
+
+def layerwise(base: MergeConfig, taus: Sequence[float]) -> MergeConfig:
+  """``base`` with one tau per layer of ``base.layers``. Layers whose tau merges
+  nothing (``>= 1`` for cosine similarity) are left out, so they cost nothing;
+  all taus equal gives a plain ``MergeConfig``."""
+  taus = [float(t) for t in taus]
+  keep = [i for i, t in enumerate(taus) if not (base.similarity == "cosine" and t >= 1)]
+  layers = tuple(base.layers[i] for i in keep)
+  taus = [taus[i] for i in keep]
+  fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(MergeConfig)}
+  fields.update(layers=layers, capacities=None)
+  if len(set(taus)) <= 1:
+    return MergeConfig(**{**fields, "tau": taus[0] if taus else 1.0})
+  return LayerwiseMergeConfig(**{**fields, "tau": min(taus)}, taus=tuple(taus))
+
+
+# ----------------------------------------------------------------------------
+# FLOPs from token counts
+
+
+def vit_gflops(model, tokens, image_hw, merge_layers: Sequence[int] = ()) -> np.ndarray:
+  """Analytic GFLOPs per image (2 per multiply-add, matmuls only) of a
+  ``vit.Model`` whose blocks leave ``tokens (n, depth)`` real tokens each
+  (``aux["tokens_per_block"]``); blocks in ``merge_layers`` also pay for the
+  merge (similarities and fusion, ``4 M N D``). Returns ``(n,)``."""
+  tokens = np.asarray(tokens, np.float64).reshape(-1, model.depth)
+  d = model.width
+  mlp = model.mlp_dim or 4 * d
+  length, ns = sequence_lengths(model, image_hw)
+  ph, pw = (model.patch_size, model.patch_size) if np.ndim(model.patch_size) == 0 \
+      else model.patch_size
+  flops = np.full(tokens.shape[0], 2.0 * (length - ns) * ph * pw * 3 * d)  # embedding
+  l_in = np.full(tokens.shape[0], float(length))
+  for i in range(model.depth):
+    l_out = tokens[:, i]
+    flops += 2 * l_in * d * 4 * d + 4 * l_in * l_in * d  # qkv + out; logits + AV
+    if i in merge_layers:
+      body = np.maximum(l_in - ns, 0)
+      flops += 4 * np.floor(body / 2) * np.ceil(body / 2) * d
+    flops += 4 * l_out * d * mlp
+    l_in = l_out
+  if model.pool_type == "map":  # probe attention over the last tokens + its MLP
+    flops += 2 * l_in * d * 2 * d + 4 * l_in * d + 4 * d * d + 4 * d * mlp
+  if model.rep_size:
+    rep = d if model.rep_size is True else model.rep_size
+    flops += 2 * d * rep
+    d = rep
+  if model.num_classes:
+    flops += 2 * d * model.num_classes
+  return flops / 1e9
+
+
+# ----------------------------------------------------------------------------
+# Calibration
+
+
+@dataclasses.dataclass
+class Calibration:
+  """What :func:`calibrate` chose and why.
+
+  Attributes:
+    tau: the threshold (``per_layer``: a tuple, one per merge layer).
+    merge: the config to run (``MergeConfig`` or ``LayerwiseMergeConfig``).
+    target_speedup: the ideal speedup asked for (from ``target_gflops`` when
+      that was given).
+    speedup: the ideal speedup reached on the calibration data (analytic).
+    met: ``speedup >= target_speedup``.
+    gflops_per_image, baseline_gflops_per_image: analytic, on the calibration
+      data. ``xla_baseline_gflops``: XLA's count (only for a GFLOPs target).
+    tokens_per_layer: mean real tokens after each block at the chosen tau.
+    history: the candidates whose speedup was measured, ``{"tau": [...],
+      "speedup": ...}`` (per-layer: the rounds, not the one-layer probes).
+    heldout: the ``mame_jax.evaluate`` result on held-out data, if asked for.
+  """
+
+  tau: Any
+  merge: MergeConfig
+  target_speedup: float
+  speedup: float
+  met: bool
+  gflops_per_image: float
+  baseline_gflops_per_image: float
+  tokens_per_layer: list
+  num_images: int
+  target_gflops: Optional[float] = None
+  xla_baseline_gflops: Optional[float] = None
+  history: list = dataclasses.field(default_factory=list)
+  heldout: Optional[dict] = None
+
+  def to_json(self) -> dict:
+    out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("merge", "heldout")}
+    out["tau"] = list(self.tau) if isinstance(self.tau, tuple) else self.tau
+    out["merge_layers"] = list(self.merge.layers)
+    if self.heldout is not None:
+      out["heldout"] = eval_lib.to_json(self.heldout)
+    return out
+
+
+class _Counter:
+  """Real tokens after each block for any taus: one compiled program with the
+  taus traced and full capacities (so nothing is ever dropped)."""
+
+  def __init__(self, model, params, base: MergeConfig, batches):
+    self.model, self.params, self.base = model, params, base.replace(capacities=None,
+                                                                     mode="exact")
+    self.batches = batches
+    fields = {f.name: getattr(self.base, f.name) for f in dataclasses.fields(MergeConfig)}
+
+    def count(params, images, taus):
+      cfg = LayerwiseMergeConfig(**fields, taus=tuple(taus[i] for i in range(len(taus))))
+      _, aux = model.clone(merge=cfg).apply({"params": params}, images)
+      return aux["tokens_per_block"]
+    self._count = jax.jit(count)
+    self.calls = 0
+
+  def __call__(self, taus) -> np.ndarray:
+    """``taus (k,)`` -> ``(n, depth)`` token counts of the valid rows."""
+    self.calls += 1
+    taus = jnp.asarray(taus, jnp.float32)
+    return np.concatenate([np.asarray(self._count(self.params, x, taus))[v]
+                           for x, v in self.batches])
+
+
+def _as_batches(batches):
+  """Arrays ``(B, H, W, 3)`` or ``data.Batch`` es -> ``[(images, valid)]``."""
+  out = []
+  for b in batches:
+    if isinstance(b, data_lib.Batch):
+      out.append((jnp.asarray(b.images), np.asarray(b.valid)))
+    else:
+      x = jnp.asarray(b, jnp.float32)
+      out.append((x, np.ones(x.shape[0], bool)))
+  if not out:
+    raise ValueError("calibrate needs at least one calibration batch")
+  return out
+
+
+def calibrate(model, params, batches, target_gflops: Optional[float] = None,
+              target_speedup: Optional[float] = None, per_layer: bool = False, *,
+              merge_layers=None, merge: Optional[MergeConfig] = None, tol: float = 1e-3,
+              lo: float = -1.0, hi: float = 1.0, max_rounds: int = 4,
+              heldout=None, **eval_kwargs) -> Calibration:
+  """Picks tau (or one per merge layer) meeting a target on ``batches``.
+
+  Args:
+    model, params: a ``mame_jax.vit`` model and its parameters.
+    batches: calibration images, arrays ``(B, H, W, 3)`` in [-1, 1] or
+      ``mame_jax.data.Batch`` es (their padding rows are ignored).
+    target_gflops: GFLOPs per image to stay within, in XLA's units (as in
+      ``mame-jax eval``); or
+    target_speedup: the ideal speedup to reach (baseline / merged FLOPs).
+    per_layer: one tau per merge layer instead of one for all.
+    merge_layers: the merging blocks (default: the first 8).
+    merge: a ``MergeConfig`` whose other options (metric, partition, ...) to
+      keep; its ``tau`` is what is calibrated.
+    tol: bisection stops when the tau bracket is narrower than this.
+    lo, hi: the tau bracket (cosine similarity lies in [-1, 1]).
+    max_rounds: per-layer only, see the module docstring.
+    heldout: data (a name, ``Source``) to evaluate the result on, with
+      ``**eval_kwargs`` for :func:`mame_jax.evaluate.evaluate` (baseline and
+      the calibrated config; ``taus=`` / ``tome_r=`` add rows to compare).
+
+  Returns:
+    a :class:`Calibration`. Raises ``ValueError`` when even ``tau = lo`` in
+    every layer cannot reach the target.
+  """
+  if (target_gflops is None) == (target_speedup is None):
+    raise ValueError("give exactly one of target_gflops and target_speedup")
+  batches = _as_batches(batches)
+  layers = (eval_lib.default_layers(model) if merge_layers is None
+            else eval_lib.parse_layers(merge_layers))
+  base = (merge or MergeConfig()).replace(layers=tuple(layers))
+  if any(l >= model.depth for l in base.layers):
+    raise ValueError(f"merge layers {base.layers} beyond the model's depth {model.depth}")
+  image_hw = tuple(batches[0][0].shape[1:3])
+  counter = _Counter(model, params, base, batches)
+  n_images = int(sum(v.sum() for _, v in batches))
+  length, ns = sequence_lengths(model, image_hw)
+  base_gflops = float(vit_gflops(model, np.full((1, model.depth), length), image_hw)[0])
+
+  xla_base = None
+  if target_gflops is not None:
+    if not target_gflops > 0:
+      raise ValueError(f"target_gflops must be > 0; got {target_gflops}")
+    x0 = batches[0][0]
+    plain = jax.jit(lambda p, x: model.clone(merge=None).apply({"params": p}, x))
+    xla_base = timing.gflops(plain, params, x0) / x0.shape[0]
+    target_speedup = xla_base / target_gflops
+  if not target_speedup > 0:
+    raise ValueError(f"target_speedup must be > 0; got {target_speedup}")
+
+  history = []
+
+  def measure(taus):
+    tokens = counter(taus)
+    gflops = float(np.mean(vit_gflops(model, tokens, image_hw, base.layers)))
+    speedup = base_gflops / gflops
+    history.append({"tau": [float(t) for t in taus], "speedup": speedup})
+    return speedup, gflops, tokens
+
+  k = len(base.layers)
+  if per_layer:
+    taus = _per_layer(model, image_hw, base, counter, measure, target_speedup, tol, lo, hi,
+                      max_rounds, base_gflops)
+  else:
+    taus = [_bisect(lambda t: measure([t] * k)[0] >= target_speedup, lo, hi, tol,
+                    what=f"an ideal speedup of {target_speedup:.3g}",
+                    best=lambda: history[-1]["speedup"])] * k
+  speedup, gflops, tokens = measure(taus)
+  cfg = layerwise(base, taus)
+  result = Calibration(
+      tau=tuple(taus) if per_layer else taus[0], merge=cfg, target_speedup=target_speedup,
+      speedup=speedup, met=speedup >= target_speedup, gflops_per_image=gflops,
+      baseline_gflops_per_image=base_gflops, tokens_per_layer=tokens.mean(0).tolist(),
+      num_images=n_images, target_gflops=target_gflops, xla_baseline_gflops=xla_base,
+      history=history)
+  if heldout is not None:
+    eval_kwargs.setdefault("taus", ())
+    result.heldout = eval_lib.evaluate(model, params, heldout, extra=[cfg], **eval_kwargs)
+  return result
+
+
+def _bisect(ok, lo, hi, tol, *, what, best):
+  """The largest t in [lo, hi] with ``ok(t)`` (``ok`` true at lo, false at hi;
+  monotone in between), to within ``tol``."""
+  if ok(hi):
+    return hi
+  if not ok(lo):
+    raise ValueError(f"cannot reach {what}: even tau = {lo} only gives {best():.3g}")
+  while hi - lo > tol:
+    mid = 0.5 * (lo + hi)
+    lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+  return lo
+
+
+def _per_layer(model, image_hw, base, counter, measure, target, tol, lo, hi, max_rounds,
+               base_gflops):
+  """One tau per merge layer, every layer keeping the same fraction rho."""
+  length, ns = sequence_lengths(model, image_hw)
+  layers, k = base.layers, len(base.layers)
+
+  def planned(rho):  # the speedup if every merge layer kept rho of its mergeable tokens
+    counts, l = [], float(length)
+    for i in range(model.depth):
+      if i in layers:
+        l = ns + rho * (l - ns)
+      counts.append(l)
+    return base_gflops / float(vit_gflops(model, np.array([counts]), image_hw, layers)[0])
+
+  # A merge keeps at least the M destinations: about half its tokens.
+  rho = _bisect(lambda r: planned(r) >= target, 0.5, 1.0, 1e-4,
+                what=f"an ideal speedup of {target:.3g}", best=lambda: planned(0.5))
+  taus = [2.0] * k  # 2 > any cosine similarity: nothing merges yet
+  for _ in range(max_rounds):
+    taus = [2.0] * k
+    for j, layer in enumerate(layers):
+      def kept(t, j=j, layer=layer):
+        tokens = counter(taus[:j] + [t] + taus[j + 1:])
+        before = tokens[:, layer - 1] if layer else np.full(len(tokens), length)
+        return float(np.mean((tokens[:, layer] - ns) / np.maximum(before - ns, 1)))
+      try:
+        taus[j] = _bisect(lambda t: kept(t) <= rho, lo, hi, tol, what="", best=lambda: 0)
+      except ValueError:
+        taus[j] = lo  # this layer cannot go below rho: merge as much as it can
+    if measure(taus)[0] >= target:
+      break
+    rho -= 0.02
+  return taus
+
+
+# ----------------------------------------------------------------------------
+# Command line
+
+
+def format_report(cal: Calibration) -> str:
+  tau = (", ".join(f"{t:.4f}" for t in cal.tau) if isinstance(cal.tau, tuple)
+         else f"{cal.tau:.4f}")
+  lines = [f"calibrated on {cal.num_images} images: tau = {tau} in blocks "
+           f"{list(cal.merge.layers)} -> ideal speedup {cal.speedup:.3f} "
+           f"(target {cal.target_speedup:.3f}: {'met' if cal.met else 'NOT met'}), "
+           f"{cal.gflops_per_image:.3f} analytic GFLOPs/img (baseline "
+           f"{cal.baseline_gflops_per_image:.3f}), {len(cal.history)} candidates"]
+  if cal.heldout is not None:
+    lines += ["held-out evaluation:", eval_lib.format_report(cal.heldout)]
+  return "\n".join(lines)
+
+
+def cli_main(argv: Optional[Sequence[str]] = None) -> int:
+  """``mame-jax calibrate ...`` (``argv``: the arguments after ``calibrate``).
+
+  Calibrates on the first ``--calib-images`` images of ``--calib-data``
+  (default: ``--data``) and evaluates the baseline and the calibrated MaMe
+  (plus ``--tau`` / ``--tome-r`` rows, if given) on held-out data: the images
+  of ``--data`` after the calibration ones (all of them when the calibration
+  data are another dataset), at most ``--limit``.
+  """
+  parser = argparse.ArgumentParser(prog="mame-jax calibrate",
+                                   description=__doc__.split("\n\n")[0],
+                                   argument_default=argparse.SUPPRESS)
+  eval_lib.add_common_flags(parser)
+  parser.add_argument("--target-speedup", type=float, help="ideal speedup to reach")
+  parser.add_argument("--target-gflops", type=float, help="GFLOPs per image (XLA units)")
+  parser.add_argument("--per-layer", action="store_true", help="one tau per merge layer")
+  parser.add_argument("--calib-images", type=int, help="calibration images (default 256)")
+  parser.add_argument("--calib-data", help="calibration data (default: --data)")
+  parser.add_argument("--tol", type=float, help="bisection tolerance on tau")
+  parser.add_argument("--tau", type=float, nargs="*", help="fixed taus to compare")
+  parser.add_argument("--tome-r", type=int, nargs="*", help="ToMe rows to compare")
+  try:
+    flags = eval_lib.resolve_flags(parser, argv, DEFAULTS)
+    if not flags["data"]:
+      raise ValueError("no data: pass --data NAME")
+    model, params = eval_lib.load_from_flags(flags)
+    size = int(flags["image_size"] or eval_lib.image_size_of(model, params))
+    kind = (data_lib.preprocess_for(model) if flags["preprocess"] in (None, "auto")
+            else flags["preprocess"])
+    label_map = eval_lib.label_map_from_flag(flags["label_map"])
+    source = data_lib.load_source(flags["data"], split=flags["split"],
+                                  data_dir=flags["data_dir"], label_map=label_map)
+    calib_source = source if not flags["calib_data"] else data_lib.load_source(
+        flags["calib_data"], data_dir=flags["data_dir"], label_map=label_map)
+    n_calib = min(int(flags["calib_images"]), len(calib_source))
+    loader = data_lib.Loader(calib_source, data_lib.preprocess_fn(kind, size),
+                             min(flags["batch_size"], max(n_calib, 1)), limit=n_calib)
+    batches = list(loader)
+    heldout = source.subset(n_calib) if calib_source is source else source
+    if len(heldout) == 0:
+      raise ValueError(f"no held-out images: {source.name} has {len(source)} images and "
+                       f"the first {n_calib} calibrate")
+    cal = calibrate(
+        model, params, batches, target_gflops=flags["target_gflops"],
+        target_speedup=flags["target_speedup"], per_layer=flags["per_layer"],
+        merge_layers=eval_lib.parse_layers(flags["merge_layers"]), tol=flags["tol"],
+        heldout=heldout, taus=flags["tau"], tome_r=flags["tome_r"],
+        batch_size=flags["batch_size"], limit=flags["limit"], preprocess=kind,
+        image_size=size, num_devices=flags["devices"], runs=flags["runs"],
+        warmup=flags["warmup"], progress=flags["progress"])
+  except (ValueError, FileNotFoundError) as e:
+    print(f"mame-jax calibrate: error: {e}", file=sys.stderr)
+    return 2
+  print(format_report(cal))
+  if loader.corrupt:
+    print("calibration data: " + data_lib.describe_corrupt(loader.corrupt))
+  payload = cal.to_json()
+  payload["calibration_corrupt"] = [list(c) for c in loader.corrupt]
+  payload["flags"] = {k: v for k, v in flags.items() if k != "json"}
+  eval_lib.write_json(flags["json"], payload)
+  return 0
