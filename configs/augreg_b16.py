@@ -29,9 +29,7 @@ bucket (https mirror of gs://vit_models/augreg/), downloaded once into
 batch_size, dtype, data, tau, tome_r (0: no ToMe row), limit (0: all images).
 """
 
-import ml_collections
-
-from mame_jax.evaluate import parse_config_arg
+from mame_jax.evaluate import parse_config_arg, table1_config
 
 CHECKPOINTS = {
     224: ("https://storage.googleapis.com/vit_models/augreg/B_16-i21k-300ep-lr_0.001-"
@@ -42,19 +40,10 @@ CHECKPOINTS = {
 
 
 def get_config(arg=None):
-  arg = parse_config_arg(arg, res=224, batch_size=256, dtype="float32", data="imagenet2012",
-                         tau=0.8, tome_r=16, limit=0)
-  if arg.res not in CHECKPOINTS:
-    raise ValueError(f"res must be one of {sorted(CHECKPOINTS)}; got {arg.res}")
-  config = ml_collections.ConfigDict()
-  config.checkpoint = CHECKPOINTS[arg.res]
-  config.data = arg.data
-  config.preprocess = "big_vision"
-  config.image_size = arg.res
-  config.merge_layers = "0-7"
-  config.tau = [arg.tau]
-  config.tome_r = [arg.tome_r] if arg.tome_r else []
-  config.batch_size = arg.batch_size
-  config.dtype = arg.dtype
-  config.limit = arg.limit or None
-  return config
+  res = parse_config_arg(arg, res=224, batch_size=0, dtype="", data="", tau=0.0, tome_r=0,
+                         limit=0).res
+  if res not in CHECKPOINTS:
+    raise ValueError(f"res must be one of {sorted(CHECKPOINTS)}; got {res}")
+  rest = ",".join(p for p in (arg or "").split(",") if p and not p.startswith("res="))
+  return table1_config(rest, checkpoint=CHECKPOINTS[res], preprocess="big_vision", tome_r=16,
+                       image_size=res)

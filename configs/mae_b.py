@@ -33,25 +33,10 @@ file instead.
 tome_r (0: no ToMe row), limit (0: all images).
 """
 
-import ml_collections
-
-from mame_jax.evaluate import parse_config_arg
+from mame_jax.evaluate import table1_config
 
 CHECKPOINT = "https://dl.fbaipublicfiles.com/mae/finetune/mae_finetuned_vit_base.pth"
 
 
 def get_config(arg=None):
-  arg = parse_config_arg(arg, batch_size=256, dtype="float32", data="imagenet2012",
-                         tau=0.8, tome_r=16, limit=0)
-  config = ml_collections.ConfigDict()
-  config.checkpoint = CHECKPOINT
-  config.data = arg.data
-  config.preprocess = "timm"
-  config.image_size = 224
-  config.merge_layers = "0-7"
-  config.tau = [arg.tau]
-  config.tome_r = [arg.tome_r] if arg.tome_r else []
-  config.batch_size = arg.batch_size
-  config.dtype = arg.dtype
-  config.limit = arg.limit or None
-  return config
+  return table1_config(arg, checkpoint=CHECKPOINT, preprocess="timm", tome_r=16)

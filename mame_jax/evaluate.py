@@ -408,6 +408,29 @@ def parse_config_arg(arg: Optional[str], **defaults):
   return ml_collections.ConfigDict(out)
 
 
+def table1_config(arg: Optional[str], *, checkpoint: str, preprocess: str, tome_r: int,
+                  image_size: int = 224):
+  """The evaluation config shared by ``configs/*.py`` (one per Table 1 row):
+  baseline, MaMe at ``tau`` in the first 8 blocks, ToMe at ``tome_r``.
+  ``arg`` overrides batch_size, dtype, data, tau, tome_r (0: no ToMe row) and
+  limit (0: all images)."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  arg = parse_config_arg(arg, batch_size=256, dtype="float32", data="imagenet2012",
+                         tau=0.8, tome_r=tome_r, limit=0)
+  config = ml_collections.ConfigDict()
+  config.checkpoint = checkpoint
+  config.data = arg.data
+  config.preprocess = preprocess
+  config.image_size = image_size
+  config.merge_layers = "0-7"
+  config.tau = [arg.tau]
+  config.tome_r = [arg.tome_r] if arg.tome_r else []
+  config.batch_size = arg.batch_size
+  config.dtype = arg.dtype
+  config.limit = arg.limit or None
+  return config
+
+
 def load_config(spec: str) -> dict:
   """``path/to/config.py[:arg]`` -> the dict of its ``get_config(arg)``."""
   path, arg = spec, None
