@@ -38,6 +38,7 @@ import numpy as np
 
 import mame_jax as mj
 from mame_jax import demo, timing
+from mame_jax.merge import merged_length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +112,7 @@ def bench_model(variant, args, images):
   lengths, n = [], images.shape[1] // 16 * (images.shape[2] // 16) + 1
   cfg = runner.cfg.replace(capacities=runner.schedule)
   for l in layers:
-    n = mj.merge.merged_length(n, 1, cfg.capacity(l, n, 1))
+    n = merged_length(n, 1, cfg.capacity(l, n, 1))
     lengths.append((l, n))
   slice_model = model.clone(merge=SliceTo(tuple(lengths)))
   slice_fn = jax.jit(lambda p, x: slice_model.apply({"params": p}, x)[0])
@@ -166,7 +167,8 @@ def main(argv=None):
     if "tokens_per_layer" in row:
       print(f"{row['model']} {row['method']:<9} tokens per block: {row['tokens_per_layer']}")
   out = dict(device=timing.device_description(), date=timing.today(), batch=args.batch,
-             dtype=args.dtype, command="python " + " ".join(map(shlex.quote, sys.argv)), rows=rows)
+             dtype=args.dtype, command=("python " + shlex.join(sys.argv) if argv is None else
+                      "python benchmarks/vit_throughput.py " + shlex.join(argv)), rows=rows)
   path = pathlib.Path(args.json)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(out, indent=1, default=float))
