@@ -10,6 +10,8 @@ COMMANDS = {
     "demo": ("mame_jax.demo", "main", "MaMe on the skimage.data photographs: tokens per layer"),
     "eval": ("mame_jax.evaluate", "cli_main",
              "top-1, images/s, GFLOPs and tokens per layer: baseline, MaMe, ToMe"),
+    "visualize": ("mame_jax.visualize", "cli_main",
+                  "draw token clusters (MaMe and ToMe) for images"),
     "calibrate": ("mame_jax.calibrate", "cli_main", "choose tau for a GFLOPs or speedup target"),
     "convert": ("mame_jax.cli", "convert_main", "convert a timm checkpoint to big_vision .npz"),
 }

@@ -594,7 +594,8 @@ def is_url(path) -> bool:
       "http", "https", "file", "gs")
 
 
-def cached_download(url: str, directory: Optional[str] = None, *, quiet=False) -> str:
+def cached_download(url: str, directory: Optional[str] = None, *, quiet=False,
+                    timeout: Optional[float] = None) -> str:
   """The local path of ``url`` (http(s), ``gs://`` via its public https mirror,
   or ``file://``), downloading it into ``directory`` (default :func:`cache_dir`)
   once. The file is named ``<hash of the URL>-<basename>`` (two hub URLs may
@@ -618,7 +619,7 @@ def cached_download(url: str, directory: Optional[str] = None, *, quiet=False) -
     print(f"downloading {url} -> {path}", file=sys.stderr)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{digest}-", suffix=".part")
   try:
-    with os.fdopen(fd, "wb") as out, urllib.request.urlopen(fetch_url) as response:
+    with os.fdopen(fd, "wb") as out, urllib.request.urlopen(fetch_url, timeout=timeout) as response:
       shutil.copyfileobj(response, out, length=1 << 20)
     os.replace(tmp, path)
   except BaseException:

@@ -50,15 +50,37 @@ def tokens_per_layer(model, params, images, tau, layers):
   return np.asarray(aux["tokens_per_block"]).mean(0), runner
 
 
+def throughput_line(model, params, images, runner) -> str:
+  """Baseline vs MaMe (the runner's settled program) on the same batch: images/s
+  (median of timed runs after compiling) and XLA GFLOPs per image."""
+  from mame_jax import timing
+  base = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
+  program = runner.program(runner.schedule, images.shape)
+  merged = lambda p, x: program(p, x)[0]
+  n = images.shape[0]
+  t_base = timing.time_fn(base, params, images, warmup=1, runs=3)
+  t_mame = timing.time_fn(merged, params, images, warmup=1, runs=3)
+  g_base = timing.gflops(base, params, images) / n
+  g_mame = timing.gflops(merged, params, images) / n
+  tau = runner.cfg.tau
+  return (f"throughput, batch {n} on {jax.default_backend()}: baseline "
+          f"{t_base.throughput(n):.1f} img/s ({g_base:.2f} GFLOPs/img), MaMe tau={tau} "
+          f"{t_mame.throughput(n):.1f} img/s ({g_mame:.2f} GFLOPs/img): measured "
+          f"{t_base.median_s / t_mame.median_s:.2f}x, ideal {g_base / g_mame:.2f}x")
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="mame-jax demo", description=__doc__.splitlines()[0])
   parser.add_argument("--checkpoint", help="a big_vision .npz or timm .safetensors file")
   parser.add_argument("--variant", default="Ti/16", help="random model when no checkpoint")
-  parser.add_argument("--tau", type=float, nargs="+", default=[0.6, 0.7, 0.8, 0.9])
+  parser.add_argument("--tau", type=float, nargs="+", default=[0.7, 0.8, 0.9])
   parser.add_argument("--layers", type=int, default=8, help="merge in the first N blocks")
   parser.add_argument("--image-size", type=int, default=224)
-  parser.add_argument("--figure", default=None,
-                      help="also draw the token clusters to this PNG (needs matplotlib)")
+  parser.add_argument("--figure", default="mame_demo.png",
+                      help="token-cluster picture (MaMe and ToMe rows) for the first three "
+                           "photographs, at the middle tau; '' to skip")
+  parser.add_argument("--no-throughput", action="store_true",
+                      help="skip the baseline-vs-MaMe throughput line")
   args = parser.parse_args(argv)
 
   model, params, what = build_model(args.checkpoint, args.variant, args.image_size)
@@ -71,15 +93,21 @@ def main(argv=None) -> int:
   full = np.full(model.depth, float((args.image_size // model.patch_size[0]) ** 2
                                     + (1 if model.has_class_token else 0)))
   print("plain  " + " ".join(f"{t:5.0f}" for t in full))
+  runners = {}
   for tau in args.tau:
-    counts, runner = tokens_per_layer(model, params, images, tau, layers)
+    counts, runners[tau] = tokens_per_layer(model, params, images, tau, layers)
     print(f"{tau:<6} " + " ".join(f"{t:5.1f}" for t in counts)
-          + f"   (capacities {runner.schedule}, {runner.num_programs} program(s))")
+          + f"   (capacities {runners[tau].schedule}, {runners[tau].num_programs} program(s))")
+  tau = args.tau[len(args.tau) // 2]
+  if not args.no_throughput:
+    print(throughput_line(model, params, images, runners[tau]))
   if args.figure:
     from mame_jax import visualize
-    visualize.demo_figure(args.figure, model=model, params=params, images=images,
-                          tau=args.tau[len(args.tau) // 2], layers=layers)
-    print(f"wrote {args.figure}")
+    names = PHOTOS[:3]
+    visualize.draw(model, params, images[:3], tau=tau, layers=layers, tome_r="match",
+                   out_path=args.figure, names=list(names))
+    print(f"wrote {args.figure}: token clusters at tau={tau} (MaMe) and ToMe with the same "
+          f"token count, {', '.join(names)}")
   return 0
 
 

@@ -7,7 +7,8 @@ from mame_jax import checkpoints, cli, vit
 
 
 def test_demo_prints_tokens_per_block_for_each_tau(capsys):
-  assert cli.main(["demo", "--image-size", "64", "--tau", "0.7", "1.0", "--layers", "2"]) == 0
+  assert cli.main(["demo", "--image-size", "64", "--tau", "0.7", "1.0", "--layers", "2",
+                   "--figure", "", "--no-throughput"]) == 0
   out = capsys.readouterr().out
   assert "randomly initialised ViT-Ti/16" in out
   rows = {line.split()[0]: line.split()[1:13] for line in out.splitlines()[2:5]}
@@ -30,6 +31,16 @@ def test_convert_writes_a_big_vision_npz_with_the_same_model(tmp_path, capsys):
   np.testing.assert_allclose(loaded.apply({"params": loaded_params}, x)[0],
                              model.apply({"params": params}, x)[0], atol=1e-5)
   assert "wrote" in capsys.readouterr().out
+
+
+def test_demo_draws_the_picture_and_the_throughput_line(tmp_path, capsys):
+  out_png = tmp_path / "demo.png"
+  assert cli.main(["demo", "--image-size", "64", "--tau", "0.7", "--layers", "2",
+                   "--figure", str(out_png)]) == 0
+  out = capsys.readouterr().out
+  assert out_png.stat().st_size > 0 and f"wrote {out_png}" in out
+  line = next(l for l in out.splitlines() if l.startswith("throughput"))
+  assert "baseline" in line and "MaMe tau=0.7" in line and "ideal" in line
 
 
 def test_unknown_subcommand_is_an_error(capsys):
