@@ -42,10 +42,9 @@ environment or the cluster: Cloud TPU, SLURM, ... or pass them with
 ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``). Run
 the same command on every host; each host reads and preprocesses its own rows
 of every global batch (``jax.make_array_from_process_local_data``), counts are
-summed over hosts, and only process 0 prints and writes the JSON. Not yet
-run on a real cluster: ``Runner`` reads MaMe's per-sample drop counts with
-``np.asarray``, which needs every row on the reading host, so MaMe rows need
-that gathered first (the baseline and ToMe rows do not).
+summed over hosts, and only process 0 prints and writes the JSON; ``Runner``
+gathers MaMe's per-sample drop counts from every host. Not yet run on a real
+cluster (tested with several CPU devices in one process).
 
 Without ``--checkpoint`` there is nothing to evaluate: the command stops with
 an error, unless ``--random-init VARIANT`` (e.g. ``S/16``) asks for a randomly

@@ -138,7 +138,15 @@ def _summarise(cfg, aux):
     return aux
   infos = [aux[f"block{l:02d}"]["merge"]["info"] for l in cfg.layers]
   aux = dict(aux)
-  aux["num_preserved"] = np.array([int(i.num_preserved) for i in infos])
-  aux["overflow"] = np.array([bool(i.overflow) for i in infos])
-  aux["dropped"] = np.stack([np.asarray(i.dropped) for i in infos], axis=1)
+  aux["num_preserved"] = np.array([int(_host(i.num_preserved)) for i in infos])
+  aux["overflow"] = np.array([bool(_host(i.overflow)) for i in infos])
+  aux["dropped"] = np.stack([_host(i.dropped) for i in infos], axis=1)
   return aux
+
+
+def _host(a) -> np.ndarray:
+  """A NumPy copy, gathering the rows other hosts hold (multi-host runs)."""
+  if isinstance(a, jax.Array) and not a.is_fully_addressable and not a.is_fully_replicated:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+  return np.asarray(a)
