@@ -24,9 +24,6 @@ Checkpoint: the big_vision / AugReg ``.npz`` from the public ``vit_models``
 bucket (https mirror of gs://vit_models/augreg/), downloaded once into
 ``~/.cache/mame_jax`` (``$MAME_JAX_CACHE``); big_vision preprocessing
 (``resize_small(256)`` area, ``central_crop(224)``, values in [-1, 1]).
-
-``arg``: comma-separated ``key=value`` overrides of res (224 | 384),
-batch_size, dtype, data, tau, tome_r (0: no ToMe row), limit (0: all images).
 """
 
 from mame_jax.evaluate import parse_config_arg, table1_config

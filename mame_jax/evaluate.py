@@ -409,10 +409,26 @@ def parse_config_arg(arg: Optional[str], **defaults):
 
 def table1_config(arg: Optional[str], *, checkpoint: str, preprocess: str, tome_r: int,
                   image_size: int = 224):
-  """The evaluation config shared by ``configs/*.py`` (one per Table 1 row):
-  baseline, MaMe at ``tau`` in the first 8 blocks, ToMe at ``tome_r``.
-  ``arg`` overrides batch_size, dtype, data, tau, tome_r (0: no ToMe row) and
-  limit (0: all images)."""
+  """The evaluation config shared by ``configs/*.py`` (one per Table 1 row).
+
+  Rows: baseline, MaMe (``tau`` = 0.8, the first 8 blocks: the paper's
+  training-free default) and ToMe (``tome_r`` in every block, proportional
+  attention; r chosen for about half the baseline's FLOPs, as its Table 1 row).
+  GFLOPs are XLA's count (2 FLOPs per multiply-add), about twice the paper's
+  fvcore figures; throughput depends on device and dtype, so compare the
+  speedup *ratios* with the paper's, not the images/s.
+
+  Data: ImageNet-1k validation through tfds (``imagenet2012``), prepared once
+  offline (``tfds build imagenet2012 --file_format=array_record`` with the
+  ILSVRC2012 tarballs in the manual dir); ``:data=imagenette`` or ``--data PATH``
+  (class folders) for a quick look. URL checkpoints are downloaded once into
+  ``$MAME_JAX_CACHE`` (default ``~/.cache/mame_jax``); ``--checkpoint PATH``
+  uses a local file instead.
+
+  ``arg``: comma-separated ``key=value`` overrides of batch_size, dtype
+  (``float32`` | ``bfloat16`` | ``float16``; the paper times FP16), data, tau,
+  tome_r (0: no ToMe row) and limit (0: all images).
+  """
   import ml_collections  # pylint: disable=import-outside-toplevel
   arg = parse_config_arg(arg, batch_size=256, dtype="float32", data="imagenet2012",
                          tau=0.8, tome_r=tome_r, limit=0)
