@@ -220,6 +220,27 @@ def _from_big_vision(flat: dict) -> dict:
     return p
 
 
+def _timm_pairs(blocks) -> list:
+    """``(timm key, canonical key, transposed)`` for every weight that maps one to
+    one between timm and big_vision. The loader reads the table left to right and
+    ``save_timm`` right to left (a transpose -- torch Linear ``(out, in)`` against a
+    flax Dense kernel ``(in, out)`` -- is its own inverse). The class slot, the
+    patch embedding and the fused ``qkv`` need reshaping and are handled apart."""
+    pairs = [("patch_embed.proj.bias", "embedding/bias", False), ("cls_token", "cls", False)]
+    for i in blocks:
+        b, t = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+        for tn, bn in (("norm1", "LayerNorm_0"), ("norm2", "LayerNorm_1")):
+            pairs += [(f"{b}{tn}.weight", f"{t}{bn}/scale", False),
+                      (f"{b}{tn}.bias", f"{t}{bn}/bias", False)]
+        pairs.append((f"{b}attn.proj.bias", f"{t}{_ATTN}/out/bias", False))
+        for tn, bn in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
+            pairs += [(f"{b}mlp.{tn}.weight", f"{t}MlpBlock_0/{bn}/kernel", True),
+                      (f"{b}mlp.{tn}.bias", f"{t}MlpBlock_0/{bn}/bias", False)]
+    for tn, bn in (("norm", "Transformer/encoder_norm"), ("fc_norm", "fc_norm")):
+        pairs += [(f"{tn}.weight", f"{bn}/scale", False), (f"{tn}.bias", f"{bn}/bias", False)]
+    return pairs + [("head.weight", "head/kernel", True), ("head.bias", "head/bias", False)]
+
+
 def _from_timm(flat: dict, num_heads: Optional[int]) -> dict:
     """timm ViT state dict -> canonical; keys it does not know are kept as they are
     (so that the model check reports them as unexpected)."""
@@ -235,17 +256,13 @@ def _from_timm(flat: dict, num_heads: Optional[int]) -> dict:
         if src_key in src:
             out[dst_key] = fn(src.pop(src_key))
 
-    linear = lambda a: a.T  # torch Linear (out, in) -> flax Dense kernel (in, out)
     move("patch_embed.proj.weight", "embedding/kernel", lambda a: a.transpose(2, 3, 1, 0))
-    move("patch_embed.proj.bias", "embedding/bias")
-    move("cls_token", "cls")
     move("pos_embed", "pos_embedding")
     blocks = sorted({int(k.split(".")[1]) for k in src if k.startswith("blocks.")})
+    for timm_key, key, transposed in _timm_pairs(blocks):
+        move(timm_key, key, (lambda a: a.T) if transposed else (lambda a: a))
     for i in blocks:
         b, t = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
-        for tn, bn in (("norm1", "LayerNorm_0"), ("norm2", "LayerNorm_1")):
-            move(f"{b}{tn}.weight", f"{t}{bn}/scale")
-            move(f"{b}{tn}.bias", f"{t}{bn}/bias")
         # qkv rows are [q; k; v], each head-major (heads, head_dim).
         if f"{b}attn.qkv.weight" in src:
             w = src.pop(f"{b}attn.qkv.weight").reshape(3, width, width)
@@ -257,15 +274,6 @@ def _from_timm(flat: dict, num_heads: Optional[int]) -> dict:
                 out[f"{t}{_ATTN}/{name}/bias"] = bias[j]
         move(f"{b}attn.proj.weight", f"{t}{_ATTN}/out/kernel",
              lambda a: a.T.reshape(heads, head_dim, width))
-        move(f"{b}attn.proj.bias", f"{t}{_ATTN}/out/bias")
-        for tn, bn in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
-            move(f"{b}mlp.{tn}.weight", f"{t}MlpBlock_0/{bn}/kernel", linear)
-            move(f"{b}mlp.{tn}.bias", f"{t}MlpBlock_0/{bn}/bias")
-    for tn, bn in (("norm", "Transformer/encoder_norm"), ("fc_norm", "fc_norm")):
-        move(f"{tn}.weight", f"{bn}/scale")
-        move(f"{tn}.bias", f"{bn}/bias")
-    move("head.weight", "head/kernel", linear)
-    move("head.bias", "head/bias")
     _fold_class_slot(out)
     out.update(src)
     return out
@@ -544,33 +552,20 @@ def save_timm(params, path, *, kind: str = "deit") -> None:
         if src_key in p:
             out[dst_key] = fn(p.pop(src_key))
 
-    linear = lambda a: a.T
     move("embedding/kernel", "patch_embed.proj.weight", lambda a: a.transpose(3, 2, 0, 1))
-    move("embedding/bias", "patch_embed.proj.bias")
-    move("cls", "cls_token")
     move("pos_embedding", "pos_embed",
          lambda a: np.concatenate([np.zeros_like(a[:, :1]), a], axis=1))
     layers = sorted({int(m.group(1)) for k in p if (m := _BLOCK_RE.match(k))})
+    for timm_key, key, transposed in _timm_pairs(layers):
+        move(key, timm_key, (lambda a: a.T) if transposed else (lambda a: a))
     for i in layers:
         b, t = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
-        for tn, bn in (("norm1", "LayerNorm_0"), ("norm2", "LayerNorm_1")):
-            move(f"{t}{bn}/scale", f"{b}{tn}.weight")
-            move(f"{t}{bn}/bias", f"{b}{tn}.bias")
         qkv = [f"{t}{_ATTN}/{name}/" for name in ("query", "key", "value")]
         out[f"{b}attn.qkv.weight"] = np.concatenate(
             [p.pop(q + "kernel").reshape(width, width).T for q in qkv], axis=0)
         out[f"{b}attn.qkv.bias"] = np.concatenate([p.pop(q + "bias").reshape(-1) for q in qkv])
         move(f"{t}{_ATTN}/out/kernel", f"{b}attn.proj.weight",
              lambda a: a.reshape(width, width).T)
-        move(f"{t}{_ATTN}/out/bias", f"{b}attn.proj.bias")
-        for tn, bn in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
-            move(f"{t}MlpBlock_0/{bn}/kernel", f"{b}mlp.{tn}.weight", linear)
-            move(f"{t}MlpBlock_0/{bn}/bias", f"{b}mlp.{tn}.bias")
-    for tn, bn in (("norm", "Transformer/encoder_norm"), ("fc_norm", "fc_norm")):
-        move(f"{bn}/scale", f"{tn}.weight")
-        move(f"{bn}/bias", f"{tn}.bias")
-    move("head/kernel", "head.weight", linear)
-    move("head/bias", "head.bias")
     if p:
         raise ValueError(f"timm layout has no place for {sorted(p)[:5]}")
     # safetensors writes an array's memory as is: make every one C-ordered first.
