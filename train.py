@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mame_jax import MergeConfig, vit
-from mame_jax.data import Loader, array_source, load_source, preprocess_fn
-from mame_jax.demo import PHOTOS, photographs
+from mame_jax import MergeConfig
+from mame_jax.models import vit
+from mame_jax.eval.data import PHOTOS, Loader, array_source, load_image, load_source, preprocess_fn
 
 
 def make_step(model, tx):
@@ -95,7 +95,7 @@ class _Epochs:
 
 def labelled_photos():
   """Each skimage.data photograph is its own class: a tiny dataset for smoke runs."""
-  images = [((p + 1) * 127.5).round().astype(np.uint8) for p in photographs(256)]
+  images = [((load_image(n, 256) + 1) * 127.5).round().astype(np.uint8) for n in PHOTOS[:6]]
   return array_source(images, list(range(len(images))), name="photos-labelled")
 
 
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
   parser.add_argument("--data", default="photos-labelled",
                       help="a tfds name, a folder of class folders, or photos-labelled")
   parser.add_argument("--variant", default="Ti/16")
-  parser.add_argument("--num-classes", type=int, default=len(PHOTOS))
+  parser.add_argument("--num-classes", type=int, default=6)
   parser.add_argument("--image-size", type=int, default=224)
   parser.add_argument("--batch-size", type=int, default=8)
   parser.add_argument("--steps", type=int, default=100)

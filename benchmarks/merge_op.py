@@ -4,20 +4,20 @@
     python benchmarks/merge_op.py                  # B {1,32} x L {197,577,1025,4097} x D {384,768}
     python benchmarks/merge_op.py --dtype bfloat16 --out-md results/merge_op.md
 
-For every (B, L, D) it times (``mame_jax.timing.time_fn``: one compiling call,
+For every (B, L, D) it times (``mame_jax.eval.timing.time_fn``: one compiling call,
 warm-up, median of the timed calls) two jitted functions on the same tokens
 ``x (B, L, D)`` in the same dtype:
 
 * ``mame(x, tau=0.8, num_special=1, capacity=c)``, the whole op as the API gives
   it (merged tokens and the merge record), with ``c`` the smallest linear bucket
   (step 16) that holds this input's ``r`` preserved tokens, so nothing is dropped;
-* one multi-head self-attention of the same size: ``mame_jax.vit``'s
+* one multi-head self-attention of the same size: ``mame_jax.models.vit``'s
   ``MultiHeadDotProductAttention`` with ``D // 64`` heads -- the q/k/v/out
   projections, ``softmax(q k^T / sqrt(64)) v`` with float32 logits, exactly the
   layer the ViT runs -- on the *unmerged* ``x``.
 
 ``mame/attn`` is their ratio: the price of merging in units of one attention
-layer. GFLOPs come from XLA's cost analysis (``mame_jax.timing.gflops``).
+layer. GFLOPs come from XLA's cost analysis (``mame_jax.eval.timing.gflops``).
 
 The tokens are clustered so that merging has work to do: a few cluster centres
 per sample, each token a centre plus noise (cosine ~0.9 to its cluster, far above
@@ -58,8 +58,8 @@ import numpy as np
 from mame_jax import mame
 from mame_jax.buckets import TraceCounter, bucket_for, linear_buckets
 from mame_jax.merge import num_sources
-from mame_jax.timing import device_description, format_table, gflops, time_fn, today
-from mame_jax.vit import MultiHeadDotProductAttention
+from mame_jax.eval.timing import device_description, format_table, gflops, time_fn, today
+from mame_jax.models.vit import MultiHeadDotProductAttention
 
 TAU = 0.8
 NUM_SPECIAL = 1

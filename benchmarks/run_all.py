@@ -18,7 +18,7 @@ import shlex
 import sys
 
 from benchmarks import merge_op, vit_throughput
-from mame_jax.timing import format_table
+from mame_jax.eval.timing import format_table
 
 OP_COLUMNS = ["B", "L", "D", "r", "capacity", "mame_ms", "attention_ms", "mame/attn",
               "GFLOPs mame", "GFLOPs attn", "note"]
@@ -35,7 +35,7 @@ def render(op: dict, vit: dict, command: str, render_only: bool = False) -> str:
       "",
       f"{how}; every table below names the script and",
       "arguments that produced it. Timings: compile first, then the median of timed",
-      "runs, each ending in `block_until_ready` (`mame_jax/timing.py`); GFLOPs from",
+      "runs, each ending in `block_until_ready` (`mame_jax/eval/timing.py`); GFLOPs from",
       "XLA's cost analysis (2 FLOPs per multiply-add, so about twice fvcore's figures).",
       "",
       "## The merge op beside one self-attention",

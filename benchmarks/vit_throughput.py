@@ -7,7 +7,7 @@
 For each model (random weights unless ``--checkpoint``; the token counts of a
 trained model differ, the cost of a given token count does not) and one batch of
 real photographs (skimage.data, resized, tiled to the batch size), it times the
-whole jitted forward (``mame_jax.timing.time_fn``: compile first, then the median
+whole jitted forward (``mame_jax.eval.timing.time_fn``: compile first, then the median
 of timed runs, each ending in ``block_until_ready``) for:
 
 * ``baseline`` -- the plain ViT;
@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import mame_jax as mj
-from mame_jax import demo, timing
+from mame_jax.eval import timing
+from mame_jax.eval.data import PHOTOS, load_image
 from mame_jax.merge import merged_length
 
 
@@ -155,7 +156,7 @@ def main(argv=None):
   if args.quick:
     args.variants, args.batch, args.runs = ["S/16"], 8, 3
 
-  photos = demo.photographs(224)
+  photos = np.stack([load_image(n, 224) for n in PHOTOS[:6]])
   images = jnp.asarray(np.resize(photos, (args.batch,) + photos.shape[1:]))
   rows = []
   for variant in args.variants:

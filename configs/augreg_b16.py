@@ -26,7 +26,7 @@ bucket (https mirror of gs://vit_models/augreg/), downloaded once into
 (``resize_small(256)`` area, ``central_crop(224)``, values in [-1, 1]).
 """
 
-from mame_jax.evaluate import parse_config_arg, table1_config
+from mame_jax.configs.common import parse_config_arg, table1_config
 
 CHECKPOINTS = {
     224: ("https://storage.googleapis.com/vit_models/augreg/B_16-i21k-300ep-lr_0.001-"

@@ -10,7 +10,7 @@ Paper: Table 1, ViT-B (DeiT): baseline 81.83% / 17.6 GFLOPs / 2130 img/s; MaMe
 
 Rows: baseline, MaMe (tau = 0.8, first 8 blocks) and ToMe (r = 16); the
 rows, the data, the GFLOPs convention and ``arg`` are described in
-``mame_jax.evaluate.table1_config``.
+``configs/common.py``.
 
 Checkpoint: The timm weights on the Hugging Face hub
 (``timm/deit_base_patch16_224.fb_in1k``), safetensors: they load without torch.
@@ -18,7 +18,7 @@ Downloaded once into ``~/.cache/mame_jax`` (``$MAME_JAX_CACHE``); ``--checkpoint
 PATH`` uses a local file instead.
 """
 
-from mame_jax.evaluate import table1_config
+from mame_jax.configs.common import table1_config
 
 CHECKPOINT = ("https://huggingface.co/timm/"
               "deit_base_patch16_224.fb_in1k/resolve/main/model.safetensors")

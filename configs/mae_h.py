@@ -9,19 +9,19 @@ Paper: Table 1, ViT-H (MAE): baseline 86.88% / 167.4 GFLOPs / 299 img/s; MaMe
 
 Rows: baseline, MaMe (tau = 0.8, first 8 blocks) and ToMe (r = 7); the
 rows, the data, the GFLOPs convention and ``arg`` are described in
-``mame_jax.evaluate.table1_config``.
+``configs/common.py``.
 
 Checkpoint: the *fine-tuned* MAE ViT-H/14 classifier the paper evaluates, from
 the MAE release (``mae_finetuned_vit_huge.pth``). It is a PyTorch ``.pth``:
 reading it needs torch (``pip install torch``, CPU build), or convert it once to
-safetensors where torch is installed (see ``mame_jax.checkpoints``). Note that
+safetensors where torch is installed (see ``mame_jax.models.checkpoints``). Note that
 ``timm/vit_huge_patch14_224.mae`` on the hub is the *pretrained* encoder without
 a classifier head: it cannot give Table 1's accuracy. Downloaded once into
 ``~/.cache/mame_jax`` (``$MAME_JAX_CACHE``); ``--checkpoint PATH`` uses a local
 file instead.
 """
 
-from mame_jax.evaluate import table1_config
+from mame_jax.configs.common import table1_config
 
 CHECKPOINT = "https://dl.fbaipublicfiles.com/mae/finetune/mae_finetuned_vit_huge.pth"
 

@@ -1,11 +1,11 @@
 """mame-jax: MaMe (matrix-based token merging) and MaRe (restoration) in JAX."""
 
-from mame_jax.checkpoints import load_model, load_params
+from mame_jax.models.checkpoints import load_model, load_params
 from mame_jax.merge import MergeInfo, fusion_weights, mame, similarity_matrix
-from mame_jax.merging import MergeConfig, ToMeConfig
+from mame_jax.models.merging import MergeConfig, ToMeConfig
 from mame_jax.restore import mare
-from mame_jax.runner import Runner
-from mame_jax.vit import Model
+from mame_jax.eval.runner import Runner
+from mame_jax.models.vit import Model
 
 __version__ = "0.1.0"
 

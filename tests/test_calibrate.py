@@ -1,4 +1,4 @@
-"""Choosing tau automatically (mame_jax.calibrate) on tokens whose statistics are known."""
+"""Choosing tau automatically (mame_jax.eval.calibrate) on tokens whose statistics are known."""
 
 import json
 
@@ -9,8 +9,10 @@ import pytest
 from PIL import Image
 
 import mame_jax as mj
-from mame_jax import calibrate as cal
-from mame_jax import checkpoints, timing
+from mame_jax.cli import calibrate as calibrate_cli
+from mame_jax.eval import calibrate as cal
+from mame_jax.eval import timing
+from mame_jax.models import checkpoints
 
 # Known statistics. A depth-2 ViT whose blocks are identities (zero attention and
 # MLP outputs) and whose tokens are the patches' colours, on a 32 px image of 16
@@ -144,7 +146,7 @@ def test_cli_calibrates_on_the_first_images_and_evaluates_the_rest(crafted, tmp_
     for i in range(3):
       Image.fromarray(image).save(tmp_path / "data" / cls / f"{i}.png")
   out = tmp_path / "cal.json"
-  rc = cal.cli_main(["--checkpoint", str(ckpt), "--data", str(tmp_path / "data"),
+  rc = calibrate_cli.cli_main(["--checkpoint", str(ckpt), "--data", str(tmp_path / "data"),
                      "--preprocess", "siglip", "--target-speedup", "1.2",
                      "--merge-layers", "0", "--calib-images", "4", "--batch-size", "4",
                      "--runs", "1", "--warmup", "0", "--no-progress", "--json", str(out)])

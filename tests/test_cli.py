@@ -3,7 +3,8 @@
 import numpy as np
 import jax
 
-from mame_jax import checkpoints, cli, vit
+from mame_jax import cli
+from mame_jax.models import checkpoints, vit
 
 
 def test_demo_prints_tokens_per_block_for_each_tau(capsys):

@@ -1,4 +1,4 @@
-"""Evaluation data: sources, preprocessing, batches (mame_jax.data). No network."""
+"""Evaluation data: sources, preprocessing, batches (mame_jax.eval.data). No network."""
 
 import io
 import os
@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mame_jax import data
+from mame_jax.eval import data
 
 
 def _jpeg(array) -> bytes:

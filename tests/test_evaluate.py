@@ -1,4 +1,4 @@
-"""Table 1 in one process (mame_jax.evaluate): figures, sharding, CLI and configs."""
+"""Table 1 in one process (mame_jax.eval.loop): figures, sharding, CLI and configs."""
 
 import io
 import json
@@ -16,7 +16,11 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 import mame_jax as mj
-from mame_jax import checkpoints, data, evaluate, timing
+from mame_jax.cli import eval as eval_cli
+from mame_jax.cli import flags
+from mame_jax.eval import data, loop, report, timing
+from mame_jax.models.merging import parse_layers
+from mame_jax.models import checkpoints
 
 TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8)
 SIZE = 64
@@ -54,8 +58,8 @@ def run(ckpt, folder):
   """One evaluation: baseline, MaMe(0.5) in blocks 0-1, ToMe(r=4), batches of 4."""
   model, params = checkpoints.load_model(ckpt)
   stream = io.StringIO()
-  result = evaluate.evaluate(model, params, folder, taus=[0.5], tome_r=[4], merge_layers="0-1",
-                             batch_size=4, runs=2, warmup=0, stream=stream)
+  result = loop.evaluate(model, params, folder, taus=[0.5], tome_r=[4], merge_layers="0-1",
+                             batch_size=4, runs=2, warmup=0, stream=stream, progress=True)
   return model, params, result, stream.getvalue()
 
 
@@ -139,16 +143,16 @@ def test_report_has_one_row_per_method_and_counts_the_corrupt_image(run, folder)
   assert [(r["tau"], r["r"]) for r in result["rows"]] == [(None, None), (0.5, None), (None, 4)]
   assert result["num_corrupt"] == 1
   assert os.path.relpath(result["corrupt"][0][0], folder) == os.path.join("c2", "99.jpg")
-  text = evaluate.format_report(result)
+  text = report.format_report(result)
   for word in ("MaMe(tau=0.5)", "ToMe(r=4)", "ideal speedup", "1 corrupt image(s)"):
     assert word in text
   assert "warning: corrupt image" in progress
-  assert "eval 15/15" in progress and "img/s" in progress and "top1 baseline" in progress
+  assert "15/15" in progress and "img/s" in progress and "top1 baseline" in progress
 
 
 def test_limit_evaluates_a_prefix_in_data_order(run, folder):
   model, params, full, _ = run
-  part = evaluate.evaluate(model, params, folder, taus=(), batch_size=4, limit=6, runs=1,
+  part = loop.evaluate(model, params, folder, taus=(), batch_size=4, limit=6, runs=1,
                            warmup=0, progress=False)
   assert part["num_images"] == 6 and part["keys"] == full["keys"][:6]
   np.testing.assert_array_equal(part["predictions"]["baseline"],
@@ -164,7 +168,7 @@ def test_imagenette_is_scored_against_imagenet_indices():
   with tfds.testing.mock_data(num_examples=16):
     raw = tfds.data_source("imagenette", split="validation")
     expected = 100 * np.mean([int(raw[i]["label"]) == 1 for i in range(16)])
-    result = evaluate.evaluate(model, params, "imagenette", taus=(), batch_size=8, runs=1,
+    result = loop.evaluate(model, params, "imagenette", taus=(), batch_size=8, runs=1,
                                warmup=0, progress=False)
   assert result["num_labelled"] == 16
   assert result["rows"][0]["top1"] == pytest.approx(expected)
@@ -176,11 +180,12 @@ def test_imagenette_is_scored_against_imagenet_indices():
 
 SHARDED = textwrap.dedent("""
     import json, sys
-    from mame_jax import checkpoints, evaluate
+    from mame_jax.eval import loop
+    from mame_jax.models import checkpoints
     model, params = checkpoints.load_model(sys.argv[1])
     out = {}
     for n in (4, 1):
-      r = evaluate.evaluate(model, params, sys.argv[2], taus=[0.5], merge_layers=(0, 1),
+      r = loop.evaluate(model, params, sys.argv[2], taus=[0.5], merge_layers=(0, 1),
                             batch_size=8, runs=1, warmup=0, num_devices=n, progress=False)
       out[n] = dict(rows=r["rows"], num_devices=r["num_devices"], keys=r["keys"],
                     num_corrupt=r["num_corrupt"],
@@ -216,7 +221,7 @@ def test_sharded_over_four_devices_equals_one_device(ckpt, folder):
 def test_cli_prints_the_table_and_writes_json_rows_with_null_top1_when_unlabelled(
     ckpt, tmp_path, capsys):
   out = tmp_path / "eval.json"
-  rc = evaluate.cli_main(["--checkpoint", ckpt, "--data", "photos", "--limit", "4",
+  rc = eval_cli.cli_main(["--checkpoint", ckpt, "--data", "photos", "--limit", "4",
                           "--tau", "0.5", "--merge-layers", "0-1", "--batch-size", "4",
                           "--runs", "1", "--warmup", "0", "--no-progress", "--json", str(out)])
   assert rc == 0
@@ -233,7 +238,7 @@ def test_cli_prints_the_table_and_writes_json_rows_with_null_top1_when_unlabelle
 
 
 def test_cli_without_a_checkpoint_is_a_clear_error(capsys):
-  assert evaluate.cli_main(["--data", "photos"]) == 2
+  assert eval_cli.cli_main(["--data", "photos"]) == 2
   assert "no model: pass --checkpoint" in capsys.readouterr().err
 
 
@@ -267,7 +272,7 @@ def test_a_config_file_and_the_equivalent_flags_give_the_same_run(ckpt, folder, 
     calls.append((model, jax.tree.map(np.asarray, params), data_name, kwargs))
     raise Captured
 
-  monkeypatch.setattr(evaluate, "evaluate", fake_evaluate)
+  monkeypatch.setattr(loop, "evaluate", fake_evaluate)
   argvs = [["--config", f"{config}:small"],
            ["--checkpoint", ckpt, "--data", folder, "--tau", "0.5", "0.7", "--tome-r", "3",
             "--merge-layers", "0-1", "--batch-size", "4", "--limit", "6", "--preprocess",
@@ -275,7 +280,7 @@ def test_a_config_file_and_the_equivalent_flags_give_the_same_run(ckpt, folder, 
            ["--config", f"{config}:small", "--batch-size", "2"]]
   for argv in argvs:
     with pytest.raises(Captured):
-      evaluate.cli_main(argv)
+      eval_cli.cli_main(argv)
   (m1, p1, d1, k1), (m2, p2, d2, k2), (_, _, _, k3) = calls
   assert m1 == m2 and d1 == d2 == folder and k1 == k2
   jax.tree.map(np.testing.assert_array_equal, p1, p2)
@@ -286,19 +291,19 @@ def test_a_config_file_and_the_equivalent_flags_give_the_same_run(ckpt, folder, 
 @pytest.mark.parametrize("name", ["deit_s", "deit_b", "mae_b", "mae_l", "mae_h", "augreg_b16"])
 def test_every_paper_config_is_a_valid_set_of_flags_with_its_command(name):
   path = os.path.join(REPO, "configs", f"{name}.py")
-  config = evaluate.load_config(path)
-  assert set(config) <= set(evaluate.DEFAULTS)
+  config = flags.load_config(path)
+  assert set(config) <= set(flags.DEFAULTS)
   assert data.is_url(config["checkpoint"])
-  assert config["tau"] == [0.8] and evaluate.parse_layers(config["merge_layers"]) == tuple(
+  assert config["tau"] == [0.8] and parse_layers(config["merge_layers"]) == tuple(
       range(8))
   doc = open(path).read()
   assert f"mame-jax eval --config configs/{name}.py" in doc
   assert ("Table 1" in doc) or ("Figure" in doc)
-  small = evaluate.load_config(f"{path}:batch_size=64,tome_r=0,dtype=bfloat16")
+  small = flags.load_config(f"{path}:batch_size=64,tome_r=0,dtype=bfloat16")
   assert (small["batch_size"], small["tome_r"], small["dtype"]) == (64, [], "bfloat16")
 
 
 def test_layer_specs_parse_ranges_and_lists():
-  assert evaluate.parse_layers("0-7") == tuple(range(8))
-  assert evaluate.parse_layers("0,2,4-6") == (0, 2, 4, 5, 6)
-  assert evaluate.parse_layers([1, 3]) == (1, 3) and evaluate.parse_layers(None) is None
+  assert parse_layers("0-7") == tuple(range(8))
+  assert parse_layers("0,2,4-6") == (0, 2, 4, 5, 6)
+  assert parse_layers([1, 3]) == (1, 3) and parse_layers(None) is None

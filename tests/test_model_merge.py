@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import mame_jax as mj
-from mame_jax import checkpoints
+from mame_jax.models import checkpoints
 
 enable_x64 = jax.enable_x64 if hasattr(jax, "enable_x64") else jax.experimental.enable_x64
 TINY = dict(width=32, depth=4, num_heads=2, mlp_dim=64, patch_size=8)

@@ -1,4 +1,4 @@
-"""Source tracking (mame_jax.sources): the specification, one property per test."""
+"""Source tracking (mame_jax.vis.sources): the specification, one property per test."""
 
 import jax
 import jax.numpy as jnp
@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 import mame_jax as mj
-from mame_jax import sources, tome
+from mame_jax import tome
+from mame_jax.vis import sources
 from mame_jax.merge import num_sources
-from mame_jax.visualize import random_vit
+from mame_jax.models.load import random_vit
 
 SIZE = 128          # 8 x 8 patches of 16 px
 LAYERS = (0, 1, 2, 3)

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mame_jax import timing
-from mame_jax.timing import Timing, format_table, gflops, time_fn
+from mame_jax.eval import timing
+from mame_jax.eval.timing import Timing, format_table, gflops, time_fn
 
 
 def _counted(fn):

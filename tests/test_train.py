@@ -5,11 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import train
-from mame_jax import MergeConfig, vit
+from mame_jax import MergeConfig
+from mame_jax.eval import data
+from mame_jax.models import vit
 
 
 def test_loss_falls_with_the_merge_in_the_loop_and_drops_are_counted():
-  photos = jnp.asarray(train.photographs(32)[:4])
+  photos = jnp.asarray(np.stack([data.load_image(n, 32) for n in data.PHOTOS[:4]]))
   labels = jnp.arange(4)
   merge = MergeConfig(tau=0.5, layers=(1,), mode="fixed", capacities=(0,))
   model = vit.Model(4, width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8,

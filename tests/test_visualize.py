@@ -1,6 +1,5 @@
-"""Token-cluster pictures and the ``mame-jax visualize`` CLI (mame_jax.visualize)."""
+"""Token-cluster pictures and the ``mame-jax visualize`` CLI (mame_jax.vis.pictures)."""
 
-import argparse
 import os
 
 import jax.numpy as jnp
@@ -9,9 +8,14 @@ import numpy as np
 import pytest
 
 import mame_jax as mj
-from mame_jax import checkpoints, visualize
+from mame_jax.models import checkpoints
+from mame_jax.cli import visualize as visualize_cli
+from mame_jax.eval import data
+from mame_jax.models import load
+from mame_jax.models.merging import parse_layers
+from mame_jax.vis import pictures
 
-RANDOM_VIT = visualize.random_vit
+RANDOM_VIT = load.random_vit
 
 
 def tiny_vit(image_size=224, **kw):
@@ -21,7 +25,7 @@ def tiny_vit(image_size=224, **kw):
 
 @pytest.fixture
 def tiny(monkeypatch):
-  monkeypatch.setattr(visualize, "random_vit", tiny_vit)
+  monkeypatch.setattr(load, "random_vit", tiny_vit)
   return tiny_vit()
 
 
@@ -29,7 +33,7 @@ def test_cluster_image_paints_each_group_with_the_mean_colour_of_its_patches():
   # 2 x 2 patches of 16 px: red, green / blue, white; the top two share a token.
   rgb = np.zeros((32, 32, 3))
   rgb[:16, :16], rgb[:16, 16:], rgb[16:, :16], rgb[16:, 16:] = (1, 0, 0), (0, 1, 0), (0, 0, 1), 1
-  pic = visualize.cluster_image(rgb * 2 - 1, np.array([5, 5, 7, 9]), (2, 2), line=(0.5, 0.5, 0.5))
+  pic = pictures.cluster_image(rgb * 2 - 1, np.array([5, 5, 7, 9]), (2, 2), line=(0.5, 0.5, 0.5))
   assert pic.shape == (32, 32, 3)
   np.testing.assert_allclose(pic[4, 4], (0.5, 0.5, 0))      # mean of red and green
   np.testing.assert_allclose(pic[4, 28], (0.5, 0.5, 0))
@@ -42,25 +46,25 @@ def test_cluster_image_paints_each_group_with_the_mean_colour_of_its_patches():
 
 def test_cluster_image_scales_to_any_size_and_paints_dropped_patches_black():
   rgb = np.random.default_rng(0).uniform(-1, 1, (32, 32, 3))
-  pic = visualize.cluster_image(rgb, np.array([1, -1, 1, 1]), (2, 2), size=100)
+  pic = pictures.cluster_image(rgb, np.array([1, -1, 1, 1]), (2, 2), size=100)
   assert pic.shape == (100, 100, 3)
   np.testing.assert_allclose(pic[20, 80], 0)
 
 
 def test_every_patch_its_own_token_gives_the_patch_mean_image():
   rgb = np.random.default_rng(1).uniform(-1, 1, (32, 32, 3))
-  pic = visualize.cluster_image(rgb, np.arange(4), (2, 2))
+  pic = pictures.cluster_image(rgb, np.arange(4), (2, 2))
   np.testing.assert_allclose(pic[5, 5], (rgb[:16, :16].mean((0, 1)) + 1) / 2, rtol=1e-5)
 
 
 def test_figure_png_has_the_expected_pixel_size(tmp_path, tiny):
   model, params = tiny
-  images = np.stack([visualize.load_image(n, 64) for n in ("astronaut", "coffee")])
-  fig, counts = visualize.draw(model, params, images, tau=0.5, layers=(0, 1), tome_r=3,
+  images = np.stack([data.load_image(n, 64) for n in ("astronaut", "coffee")])
+  fig, counts = pictures.draw(model, params, images, tau=0.5, layers=(0, 1), tome_r=3,
                                out_path=tmp_path / "fig.png", panel=96)
   png = matplotlib.image.imread(tmp_path / "fig.png")
-  width, height = visualize.figure_size(4, 2, panel=96)        # 2 images x (MaMe, ToMe)
-  assert png.shape[:2] == (height, width) == (4 * (96 + visualize.TITLE_PX), 3 * 96)
+  width, height = pictures.figure_size(4, 2, panel=96)        # 2 images x (MaMe, ToMe)
+  assert png.shape[:2] == (height, width) == (4 * (96 + pictures.TITLE_PX), 3 * 96)
   assert set(counts) == {"MaMe tau=0.5", "ToMe r=3"}
   assert counts["ToMe r=3"][:, 1].tolist() == [11, 11]         # 17 - 3 - 3
   assert (counts["MaMe tau=0.5"][:, 1] < 17).all()
@@ -71,101 +75,101 @@ def test_cli_draws_the_figure_and_says_the_model_is_random(tmp_path, tiny, capsy
   photo = tmp_path / "photo.png"
   skimage.io.imsave(photo, (np.random.default_rng(0).uniform(0, 1, (40, 60, 3)) * 255).astype(np.uint8))
   out = tmp_path / "out.png"
-  rc = visualize.cli_main([str(photo), "astronaut", "--tau", "0.5", "--layers", "0-1",
+  rc = visualize_cli.cli_main([str(photo), "astronaut", "--tau", "0.5", "--layers", "0-1",
                            "--out", str(out), "--panel", "64"])
   assert rc == 0
   text = capsys.readouterr().out
   assert "randomly initialised" in text and f"wrote {out}" in text
   assert "MaMe tau=0.5" in text and "astronaut" in text
   png = matplotlib.image.imread(out)
-  assert png.shape[:2] == (2 * (64 + visualize.TITLE_PX), 3 * 64)
+  assert png.shape[:2] == (2 * (64 + pictures.TITLE_PX), 3 * 64)
 
 
 def test_cli_rejects_an_unknown_image(tmp_path, tiny, capsys):
-  rc = visualize.cli_main(["no_such_photo", "--out", str(tmp_path / "x.png"), "--layers", "0"])
+  rc = visualize_cli.cli_main(["no_such_photo", "--out", str(tmp_path / "x.png"), "--layers", "0"])
   assert rc == 2
   assert "neither an image file nor a skimage.data photograph" in capsys.readouterr().err
   assert not (tmp_path / "x.png").exists()
 
 
 def test_cli_rejects_layers_beyond_the_model(tmp_path, tiny, capsys):
-  rc = visualize.cli_main(["astronaut", "--layers", "0-7", "--out", str(tmp_path / "x.png")])
+  rc = visualize_cli.cli_main(["astronaut", "--layers", "0-7", "--out", str(tmp_path / "x.png")])
   assert rc == 2
   assert "layers must be blocks of the model" in capsys.readouterr().err
 
 
 def test_layers_parse_ranges_and_lists():
-  assert visualize.parse_layers("0-7") == tuple(range(8))
-  assert visualize.parse_layers("0,2, 4") == (0, 2, 4)
-  assert visualize.parse_layers("3") == (3,)
-  assert visualize.parse_layers("0-2,6") == (0, 1, 2, 6)
-  with pytest.raises(argparse.ArgumentTypeError):
-    visualize.parse_layers("a-b")
+  assert parse_layers("0-7") == tuple(range(8))
+  assert parse_layers("0,2, 4") == (0, 2, 4)
+  assert parse_layers("3") == (3,)
+  assert parse_layers("0-2,6") == (0, 1, 2, 6)
+  with pytest.raises(ValueError, match="'a-b'"):
+    parse_layers("a-b")
 
 
 def test_load_image_reads_files_and_skimage_photographs(tmp_path):
   import skimage.io
   grey = tmp_path / "grey.png"
   skimage.io.imsave(grey, np.tile(np.arange(80, dtype=np.uint8), (50, 1)))
-  img = visualize.load_image(str(grey), 64)
+  img = data.load_image(str(grey), 64)
   assert img.shape == (64, 64, 3) and img.dtype == np.float32
   assert -1 <= img.min() < img.max() <= 1
   np.testing.assert_allclose(img[..., 0], img[..., 2])
-  photo = visualize.load_image("chelsea", 48)
+  photo = data.load_image("chelsea", 48)
   assert photo.shape == (48, 48, 3) and -1 <= photo.min() and photo.max() <= 1
   with pytest.raises(ValueError, match="skimage.data"):
-    visualize.load_image("data_dir")
+    data.load_image("data_dir")
 
 
 def test_offline_gives_the_random_model_and_says_so(monkeypatch, tiny):
-  monkeypatch.setenv(visualize.OFFLINE_ENV, "1")
-  model, params, note = visualize.pretrained_or_random("http://never.used/x.npz")
+  monkeypatch.setenv(load.OFFLINE_ENV, "1")
+  model, params, note = load.pretrained_or_random("http://never.used/x.npz")
   assert note.startswith("offline") and "randomly initialised" in note
   assert model.depth == 2
 
 
 def test_a_failed_download_falls_back_to_the_random_model(monkeypatch, tmp_path, tiny):
-  monkeypatch.delenv(visualize.OFFLINE_ENV, raising=False)
-  _, _, note = visualize.pretrained_or_random("http://127.0.0.1:9/x.npz", timeout=2,
+  monkeypatch.delenv(load.OFFLINE_ENV, raising=False)
+  _, _, note = load.pretrained_or_random("http://127.0.0.1:9/x.npz", timeout=2,
                                               cache_dir=tmp_path)
   assert note.startswith("could not get") and "randomly initialised" in note
   assert list(tmp_path.iterdir()) == [], "no half-written file left behind"
 
 
 def test_a_reachable_checkpoint_is_downloaded_cached_and_loaded(monkeypatch, tmp_path):
-  monkeypatch.delenv(visualize.OFFLINE_ENV, raising=False)
-  model, params = visualize.random_vit(32, depth=1, width=32)
+  monkeypatch.delenv(load.OFFLINE_ENV, raising=False)
+  model, params = load.random_vit(32, depth=1, width=32)
   src = tmp_path / "src" / "tiny.npz"
   src.parent.mkdir()
   checkpoints.save_npz(params, src, layout="old")               # the AugReg file layout
   cache = tmp_path / "cache"
-  loaded, got, note = visualize.pretrained_or_random(src.as_uri(), cache_dir=cache)
+  loaded, got, note = load.pretrained_or_random(src.as_uri(), cache_dir=cache)
   assert note.startswith("checkpoint ") and "tiny.npz" in note
   assert len(list(cache.glob("*tiny.npz"))) == 1
   assert loaded.depth == 1 and loaded.width == 32
   np.testing.assert_allclose(np.asarray(got["embedding"]["kernel"]),
                              np.asarray(params["embedding"]["kernel"]))
   os.remove(src)                                                # the cache is read next time
-  _, _, again = visualize.pretrained_or_random(src.as_uri(), cache_dir=cache)
+  _, _, again = load.pretrained_or_random(src.as_uri(), cache_dir=cache)
   assert again.startswith("checkpoint ") and "tiny.npz" in again
 
 
 def test_demo_figure_draws_the_bundled_photographs(tmp_path, tiny, capsys):
   # tau and r as in the figure test above: the compiled programs are reused.
-  out = visualize.demo_figure(tmp_path / "demo.png", images=("astronaut", "coffee"),
+  out = pictures.demo_figure(tmp_path / "demo.png", images=("astronaut", "coffee"),
                               tau=0.5, tome_r=3, layers=(0, 1), panel=64)
   assert out.exists()
   png = matplotlib.image.imread(out)
-  assert png.shape[:2] == visualize.figure_size(4, 2, panel=64)[::-1]
+  assert png.shape[:2] == pictures.figure_size(4, 2, panel=64)[::-1]
   assert "randomly initialised" in capsys.readouterr().out
 
 
 def test_merge_maps_run_each_image_alone():
   # MaMe's preservation is batch-wide: in a batch an image keeps what any image keeps.
-  model, params = visualize.random_vit(64, depth=1, width=32)
-  images = jnp.asarray(np.stack([visualize.load_image(n, 64) for n in ("astronaut", "coffee")]))
+  model, params = load.random_vit(64, depth=1, width=32)
+  images = jnp.asarray(np.stack([data.load_image(n, 64) for n in ("astronaut", "coffee")]))
   cfg = mj.MergeConfig(tau=0.5, layers=(0,))
-  maps, aux = visualize.merge_maps(model, params, images, cfg)
-  alone, _ = visualize.merge_maps(model, params, images[1:], cfg)
+  maps, aux = pictures.merge_maps(model, params, images, cfg)
+  alone, _ = pictures.merge_maps(model, params, images[1:], cfg)
   np.testing.assert_array_equal(np.asarray(maps[0].hard[1]), np.asarray(alone[0].hard[0]))
   assert aux["tokens_per_block"].shape == (2, 1)

@@ -14,25 +14,12 @@ import sys
 import jax
 import numpy as np
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
-
-
-def photographs(size: int = 224, names=PHOTOS) -> np.ndarray:
-  """skimage.data photographs, square-resized, values in [-1, 1]: (n, size, size, 3)."""
-  import skimage.data
-  import skimage.transform
-  out = []
-  for name in names:
-    img = getattr(skimage.data, name)()
-    img = np.stack([img] * 3, -1) if img.ndim == 2 else img[..., :3]
-    img = skimage.transform.resize(img, (size, size), anti_aliasing=True)
-    out.append(img * 2.0 - 1.0)
-  return np.stack(out).astype(np.float32)
-
+from mame_jax.eval.data import PHOTOS, load_image
+from mame_jax.vis import pictures
 
 def build_model(checkpoint=None, variant="Ti/16", image_size=224, seed=0):
   """(model, params, description): a checkpoint, or a random ``variant``."""
-  from mame_jax import checkpoints, vit
+  from mame_jax.models import checkpoints, vit
   if checkpoint:
     model, params = checkpoints.load_model(checkpoint, image_size=image_size)
     return model, params, f"checkpoint {checkpoint}"
@@ -53,7 +40,7 @@ def tokens_per_layer(model, params, images, tau, layers):
 def throughput_line(model, params, images, runner) -> str:
   """Baseline vs MaMe (the runner's settled program) on the same batch: images/s
   (median of timed runs after compiling) and XLA GFLOPs per image."""
-  from mame_jax import timing
+  from mame_jax.eval import timing
   base = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
   program = runner.program(runner.schedule, images.shape)
   merged = lambda p, x: program(p, x)[0]
@@ -84,7 +71,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   model, params, what = build_model(args.checkpoint, args.variant, args.image_size)
-  images = photographs(args.image_size)
+  images = np.stack([load_image(n, args.image_size) for n in PHOTOS[:6]])
   layers = tuple(range(min(args.layers, model.depth)))
   print(f"mame-jax demo: {what}; {len(images)} skimage.data photographs at "
         f"{args.image_size}px; MaMe in blocks {layers[0]}-{layers[-1]}; {jax.default_backend()}")
@@ -102,9 +89,8 @@ def main(argv=None) -> int:
   if not args.no_throughput:
     print(throughput_line(model, params, images, runners[tau]))
   if args.figure:
-    from mame_jax import visualize
     names = PHOTOS[:3]
-    visualize.draw(model, params, images[:3], tau=tau, layers=layers, tome_r="match",
+    pictures.draw(model, params, images[:3], tau=tau, layers=layers, tome_r="match",
                    out_path=args.figure, names=list(names))
     print(f"wrote {args.figure}: token clusters at tau={tau} (MaMe) and ToMe with the same "
           f"token count, {', '.join(names)}")

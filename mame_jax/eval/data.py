@@ -70,8 +70,10 @@ IMAGENETTE_WNIDS = ("n01440764", "n02102040", "n02979186", "n03000684", "n030280
 IMAGENETTE_TO_IMAGENET = (0, 217, 482, 491, 497, 566, 569, 571, 574, 701)
 
 # Photographs bundled with scikit-image (no download), in this order.
-PHOTOS = ("astronaut", "brick", "camera", "chelsea", "clock", "coffee", "coins", "grass",
-          "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "retina", "rocket")
+# The colourful ones first: the demo and the pictures take the first few.
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
+          "immunohistochemistry", "brick", "camera", "clock", "coins", "grass", "gravel",
+          "moon", "retina")
 
 PREPROCESS = ("big_vision", "timm", "siglip")
 CROP_PCT = 0.875  # 224 / 256
@@ -262,6 +264,38 @@ def photos_source() -> Source:
       return getattr(skimage.data, name)(), -1
   return Source(name="photos", size=len(PHOTOS), read=lambda a, b: iter(PHOTOS[a:b]),
                 fetch=fetch, describe=lambda n: f"skimage.data.{n}")
+
+
+def load_image(name: str, size: int = 224) -> np.ndarray:
+  """An image file, or the name of a ``skimage.data`` photograph (``astronaut``),
+  centre-cropped to a square and resized to ``(size, size, 3)`` float32 in [-1, 1].
+
+  A centre crop keeps the whole square the model sees in the picture (unlike the
+  eval pipeline's resize-to-256-then-crop-224, which would cut its border off).
+  """
+  import skimage.data  # pylint: disable=import-outside-toplevel
+  import skimage.io  # pylint: disable=import-outside-toplevel
+  import skimage.transform  # pylint: disable=import-outside-toplevel
+  import skimage.util  # pylint: disable=import-outside-toplevel
+  if os.path.exists(name):
+    img = skimage.io.imread(name)
+  elif not name.startswith("_") and callable(getattr(skimage.data, name, None)):
+    img = getattr(skimage.data, name)()
+  else:
+    raise ValueError(f"{name!r} is neither an image file nor a skimage.data photograph "
+                     f"(e.g. {', '.join(PHOTOS)})")
+  img = np.asarray(img)
+  if img.ndim == 2:
+    img = np.stack([img] * 3, -1)
+  if img.ndim != 3 or img.shape[-1] < 3:
+    raise ValueError(f"{name!r} is not an RGB or grey image (shape {img.shape})")
+  img = skimage.util.img_as_float(img[..., :3])   # any integer or float dtype -> [0, 1]
+  h, w = img.shape[:2]
+  side = min(h, w)
+  top, left = (h - side) // 2, (w - side) // 2
+  img = img[top:top + side, left:left + side]
+  img = skimage.transform.resize(img, (size, size), anti_aliasing=side > size)
+  return (np.clip(img, 0, 1) * 2 - 1).astype(np.float32)
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -641,5 +675,5 @@ def describe_corrupt(corrupt: Sequence[tuple], shown: int = 5) -> str:
 __all__ = ["Batch", "Loader", "Source", "PREPROCESS", "PHOTOS", "IMAGENETTE_WNIDS",
            "IMAGENETTE_TO_IMAGENET", "array_source", "cached_download", "cache_dir",
            "decode_image", "describe_corrupt", "folder_source", "imagenet_wnids",
-           "load_source", "photos_source", "preprocess_fn", "preprocess_for",
+           "load_image", "load_source", "photos_source", "preprocess_fn", "preprocess_for",
            "resize_area", "resize_bilinear", "tfds_source", "to_rgb_uint8"]

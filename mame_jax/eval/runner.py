@@ -26,14 +26,15 @@ import numpy as np
 
 from mame_jax.buckets import bucket_for, linear_buckets
 from mame_jax.merge import merged_length, num_sources
-from mame_jax.merging import MergeConfig
+from mame_jax.models.merging import MergeConfig
+from mame_jax.models.vit import patch_grid
 
 
 def sequence_lengths(model, image_hw) -> tuple[int, int]:
   """``(tokens entering block 0, num_special)`` for ``image_hw = (H, W)``."""
-  ph, pw = (model.patch_size, model.patch_size) if np.ndim(model.patch_size) == 0 else model.patch_size
+  gh, gw = patch_grid(model, image_hw)
   ns = 1 if model.has_class_token else 0
-  return (image_hw[0] // ph) * (image_hw[1] // pw) + ns, ns
+  return gh * gw + ns, ns
 
 
 def layer_lengths(cfg: MergeConfig, depth: int, length: int, num_special: int) -> list[int]:
@@ -47,7 +48,7 @@ def layer_lengths(cfg: MergeConfig, depth: int, length: int, num_special: int) -
 
 
 class Runner:
-  """Jitted, cached forward of ``model`` (a ``mame_jax.vit`` ViT) with ``params``.
+  """Jitted, cached forward of ``model`` (a ``mame_jax.models.vit`` ViT) with ``params``.
 
   Attributes:
     schedule: the current capacity schedule (exact mode), one per merge layer.

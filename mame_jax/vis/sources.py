@@ -67,7 +67,7 @@ import jax
 import jax.numpy as jnp
 
 from mame_jax.merge import MergeInfo
-from mame_jax.merging import MergeConfig, ToMeConfig
+from mame_jax.models.merging import MergeConfig, ToMeConfig
 from mame_jax.tome import ToMeRecord
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # no TF32: shares must add up to one
@@ -203,7 +203,7 @@ def source_maps(aux: dict, merge=None) -> list[SourceMap]:
   """One :class:`SourceMap` per block, read from a ViT's ``aux``.
 
   Args:
-    aux: the ``aux`` a ``mame_jax.vit`` model (or :class:`mame_jax.Runner`)
+    aux: the ``aux`` a ``mame_jax.models.vit`` model (or :class:`mame_jax.Runner`)
       returned: it needs ``stem`` (B, h, w, D), ``block00`` ... with their
       ``merge`` entries, and ``block00/+sa`` for the sequence length.
     merge: optionally the model's merge config (``MergeConfig`` /
@@ -216,7 +216,7 @@ def source_maps(aux: dict, merge=None) -> list[SourceMap]:
   """
   blocks = sorted(k for k in aux if k.startswith("block") and k[5:].isdigit())
   if not blocks or "stem" not in aux:
-    raise ValueError("aux must come from a mame_jax.vit model: it needs 'stem' and "
+    raise ValueError("aux must come from a mame_jax.models.vit model: it needs 'stem' and "
                      f"'block00', ...; got keys {sorted(aux)[:8]}")
   batch, h, w, _ = aux["stem"].shape
   length = aux[blocks[0]]["+sa"].shape[1]

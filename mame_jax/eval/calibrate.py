@@ -36,7 +36,7 @@ element-wise work that XLA also counts, a few percent).
 
 Afterwards the chosen config can be evaluated on held-out data (``heldout=``
 in Python; the CLI holds out every image after the calibration ones), with
-``mame_jax.evaluate``: accuracy, measured and ideal speedup from XLA.
+``mame_jax.eval.loop``: accuracy, measured and ideal speedup from XLA.
 
 Per-layer thresholds need a merge config with one tau per layer:
 :class:`LayerwiseMergeConfig`, a ``MergeConfig`` with ``taus`` that the runner
@@ -46,25 +46,23 @@ one process.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import sys
 from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mame_jax import data as data_lib
-from mame_jax import evaluate as eval_lib
-from mame_jax import timing
+from mame_jax.eval import data as data_lib
+from mame_jax.eval import loop as eval_lib
+from mame_jax.eval import report
+from mame_jax.eval import timing
+from mame_jax.eval.runner import sequence_lengths
 from mame_jax.merge import is_traced, mame
-from mame_jax.merging import MergeConfig
-from mame_jax.runner import sequence_lengths
+from mame_jax.models.merging import MergeConfig, default_layers, parse_layers
+from mame_jax.models.vit import pair
 
-DEFAULTS = {**eval_lib.DEFAULTS, "tau": [], "target_speedup": None, "target_gflops": None,
-            "per_layer": False, "calib_images": 256, "calib_data": None, "tol": 1e-3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +140,7 @@ def vit_gflops(model, tokens, image_hw, merge_layers: Sequence[int] = ()) -> np.
   d = model.width
   mlp = model.mlp_dim or 4 * d
   length, ns = sequence_lengths(model, image_hw)
-  ph, pw = (model.patch_size, model.patch_size) if np.ndim(model.patch_size) == 0 \
-      else model.patch_size
+  ph, pw = pair(model.patch_size)
   flops = np.full(tokens.shape[0], 2.0 * (length - ns) * ph * pw * 3 * d)  # embedding
   l_in = np.full(tokens.shape[0], float(length))
   for i in range(model.depth):
@@ -185,7 +182,7 @@ class Calibration:
     tokens_per_layer: mean real tokens after each block at the chosen tau.
     history: the candidates whose speedup was measured, ``{"tau": [...],
       "speedup": ...}`` (per-layer: the rounds, not the one-layer probes).
-    heldout: the ``mame_jax.evaluate`` result on held-out data, if asked for.
+    heldout: the ``mame_jax.eval.loop`` result on held-out data, if asked for.
   """
 
   tau: Any
@@ -207,7 +204,7 @@ class Calibration:
     out["tau"] = list(self.tau) if isinstance(self.tau, tuple) else self.tau
     out["merge_layers"] = list(self.merge.layers)
     if self.heldout is not None:
-      out["heldout"] = eval_lib.to_json(self.heldout)
+      out["heldout"] = report.to_json(self.heldout)
     return out
 
 
@@ -258,9 +255,9 @@ def calibrate(model, params, batches, target_gflops: Optional[float] = None,
   """Picks tau (or one per merge layer) meeting a target on ``batches``.
 
   Args:
-    model, params: a ``mame_jax.vit`` model and its parameters.
+    model, params: a ``mame_jax.models.vit`` model and its parameters.
     batches: calibration images, arrays ``(B, H, W, 3)`` in [-1, 1] or
-      ``mame_jax.data.Batch`` es (their padding rows are ignored).
+      ``mame_jax.eval.data.Batch`` es (their padding rows are ignored).
     target_gflops: GFLOPs per image to stay within, in XLA's units (as in
       ``mame-jax eval``); or
     target_speedup: the ideal speedup to reach (baseline / merged FLOPs).
@@ -272,7 +269,7 @@ def calibrate(model, params, batches, target_gflops: Optional[float] = None,
     lo, hi: the tau bracket (cosine similarity lies in [-1, 1]).
     max_rounds: per-layer only, see the module docstring.
     heldout: data (a name, ``Source``) to evaluate the result on, with
-      ``**eval_kwargs`` for :func:`mame_jax.evaluate.evaluate` (baseline and
+      ``**eval_kwargs`` for :func:`mame_jax.eval.loop.evaluate` (baseline and
       the calibrated config; ``taus=`` / ``tome_r=`` add rows to compare).
 
   Returns:
@@ -282,8 +279,8 @@ def calibrate(model, params, batches, target_gflops: Optional[float] = None,
   if (target_gflops is None) == (target_speedup is None):
     raise ValueError("give exactly one of target_gflops and target_speedup")
   batches = _as_batches(batches)
-  layers = (eval_lib.default_layers(model) if merge_layers is None
-            else eval_lib.parse_layers(merge_layers))
+  layers = (default_layers(model.depth) if merge_layers is None
+            else parse_layers(merge_layers))
   base = (merge or MergeConfig()).replace(layers=tuple(layers))
   if any(l >= model.depth for l in base.layers):
     raise ValueError(f"merge layers {base.layers} beyond the model's depth {model.depth}")
@@ -396,68 +393,5 @@ def format_report(cal: Calibration) -> str:
            f"{cal.gflops_per_image:.3f} analytic GFLOPs/img (baseline "
            f"{cal.baseline_gflops_per_image:.3f}), {len(cal.history)} candidates"]
   if cal.heldout is not None:
-    lines += ["held-out evaluation:", eval_lib.format_report(cal.heldout)]
+    lines += ["held-out evaluation:", report.format_report(cal.heldout)]
   return "\n".join(lines)
-
-
-def cli_main(argv: Optional[Sequence[str]] = None) -> int:
-  """``mame-jax calibrate ...`` (``argv``: the arguments after ``calibrate``).
-
-  Calibrates on the first ``--calib-images`` images of ``--calib-data``
-  (default: ``--data``) and evaluates the baseline and the calibrated MaMe
-  (plus ``--tau`` / ``--tome-r`` rows, if given) on held-out data: the images
-  of ``--data`` after the calibration ones (all of them when the calibration
-  data are another dataset), at most ``--limit``.
-  """
-  parser = argparse.ArgumentParser(prog="mame-jax calibrate",
-                                   description=__doc__.split("\n\n")[0],
-                                   argument_default=argparse.SUPPRESS)
-  eval_lib.add_common_flags(parser)
-  parser.add_argument("--target-speedup", type=float, help="ideal speedup to reach")
-  parser.add_argument("--target-gflops", type=float, help="GFLOPs per image (XLA units)")
-  parser.add_argument("--per-layer", action="store_true", help="one tau per merge layer")
-  parser.add_argument("--calib-images", type=int, help="calibration images (default 256)")
-  parser.add_argument("--calib-data", help="calibration data (default: --data)")
-  parser.add_argument("--tol", type=float, help="bisection tolerance on tau")
-  parser.add_argument("--tau", type=float, nargs="*", help="fixed taus to compare")
-  parser.add_argument("--tome-r", type=int, nargs="*", help="ToMe rows to compare")
-  try:
-    flags = eval_lib.resolve_flags(parser, argv, DEFAULTS)
-    if not flags["data"]:
-      raise ValueError("no data: pass --data NAME")
-    model, params = eval_lib.load_from_flags(flags)
-    size = int(flags["image_size"] or eval_lib.image_size_of(model, params))
-    kind = (data_lib.preprocess_for(model) if flags["preprocess"] in (None, "auto")
-            else flags["preprocess"])
-    label_map = eval_lib.label_map_from_flag(flags["label_map"])
-    source = data_lib.load_source(flags["data"], split=flags["split"],
-                                  data_dir=flags["data_dir"], label_map=label_map)
-    calib_source = source if not flags["calib_data"] else data_lib.load_source(
-        flags["calib_data"], data_dir=flags["data_dir"], label_map=label_map)
-    n_calib = min(int(flags["calib_images"]), len(calib_source))
-    loader = data_lib.Loader(calib_source, data_lib.preprocess_fn(kind, size),
-                             min(flags["batch_size"], max(n_calib, 1)), limit=n_calib)
-    batches = list(loader)
-    heldout = source.subset(n_calib) if calib_source is source else source
-    if len(heldout) == 0:
-      raise ValueError(f"no held-out images: {source.name} has {len(source)} images and "
-                       f"the first {n_calib} calibrate")
-    cal = calibrate(
-        model, params, batches, target_gflops=flags["target_gflops"],
-        target_speedup=flags["target_speedup"], per_layer=flags["per_layer"],
-        merge_layers=eval_lib.parse_layers(flags["merge_layers"]), tol=flags["tol"],
-        heldout=heldout, taus=flags["tau"], tome_r=flags["tome_r"],
-        batch_size=flags["batch_size"], limit=flags["limit"], preprocess=kind,
-        image_size=size, num_devices=flags["devices"], runs=flags["runs"],
-        warmup=flags["warmup"], progress=flags["progress"])
-  except (ValueError, FileNotFoundError) as e:
-    print(f"mame-jax calibrate: error: {e}", file=sys.stderr)
-    return 2
-  print(format_report(cal))
-  if loader.corrupt:
-    print("calibration data: " + data_lib.describe_corrupt(loader.corrupt))
-  payload = cal.to_json()
-  payload["calibration_corrupt"] = [list(c) for c in loader.corrupt]
-  payload["flags"] = {k: v for k, v in flags.items() if k != "json"}
-  eval_lib.write_json(flags["json"], payload)
-  return 0

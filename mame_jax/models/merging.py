@@ -14,7 +14,7 @@ model knows nothing about the merge, the merge nothing about the model.
 Capacities. Inside a compiled model every merge layer needs a static capacity
 (DESIGN §3). ``capacities=None`` keeps every preserved token (capacity = N, the
 most a layer can preserve) -- exact but with padding, so slow;
-:class:`mame_jax.runner.Runner` picks bucketed capacities, re-running a batch
+:class:`mame_jax.eval.runner.Runner` picks bucketed capacities, re-running a batch
 whose layers overflowed ("exact" mode), or runs the capacities you give and
 counts the dropped tokens ("fixed" mode: the paper's training setting, where
 preserved tokens beyond the capacity are discarded).
@@ -32,6 +32,8 @@ import jax.numpy as jnp
 from mame_jax import tome as tome_lib
 from mame_jax.merge import PARTITIONS, SIMILARITIES, mame, num_sources
 
+DEFAULT_TAU = 0.8        # the paper's training-free threshold
+DEFAULT_NUM_LAYERS = 8   # ... in the first 8 blocks
 MODES = ("exact", "fixed")
 METRICS = ("tokens", "keys")
 
@@ -57,8 +59,8 @@ class MergeConfig:
     bucket_step: capacities the runner picks are multiples of this (or N).
   """
 
-  tau: float = 0.8
-  layers: tuple = tuple(range(8))
+  tau: float = DEFAULT_TAU
+  layers: tuple = tuple(range(DEFAULT_NUM_LAYERS))
   capacities: Optional[tuple] = None
   mode: str = "exact"
   metric: str = "tokens"
@@ -153,6 +155,37 @@ class ToMeConfig:
     y, size, record = tome_lib.tome(x, self.r, metric=keys, size=size,
                                     class_token=num_special > 0)
     return y, jnp.ones(y.shape[:2], bool), size, {"record": record}
+
+
+def default_layers(depth: int) -> tuple:
+  """The paper's training-free default: MaMe in the first 8 blocks (all of them
+  when the model has fewer). ``depth``: the model's number of blocks."""
+  return tuple(range(min(DEFAULT_NUM_LAYERS, int(depth))))
+
+
+def parse_layers(spec) -> Optional[tuple]:
+  """Block indices from ``"0-7"``, ``"0,2,4-6"``, ``"3"`` or a sequence of ints:
+  sorted, each once (``"7,0"`` and ``"0,7"`` are the same layers), so every
+  command reads a layer list the same way. ``None`` stays ``None`` (the
+  default layers). Raises ``ValueError`` naming the spec when it is malformed or
+  negative."""
+  if spec is None:
+    return None
+  out = []
+  try:
+    if isinstance(spec, str):
+      for part in spec.replace(" ", "").split(","):
+        if part:
+          lo, sep, hi = part.partition("-")
+          out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    else:
+      out = [int(v) for v in spec]
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"layers must look like '0-7', '0,2,4-6' or a list of ints; "
+                     f"got {spec!r}") from e
+  if any(v < 0 for v in out):
+    raise ValueError(f"layers must be >= 0; got {spec!r}")
+  return tuple(sorted(set(out)))
 
 
 def _int_tuple(values, name) -> tuple:

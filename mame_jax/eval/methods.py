@@ -1,0 +1,47 @@
+"""The rows of an evaluation: the baseline, MaMe at each tau, ToMe at each r."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+from mame_jax.models.merging import DEFAULT_TAU, MergeConfig, ToMeConfig, default_layers
+
+
+@dataclasses.dataclass
+class Method:
+  """One row of the table: a name and the ``merge`` config the model gets
+  (``None`` for the baseline)."""
+
+  name: str
+  kind: str  # "baseline", "mame" or "tome"
+  merge: Any = None
+  tau: Any = None
+  r: Optional[int] = None
+
+
+def describe_merge(merge) -> Method:
+  """``None`` / ``MergeConfig`` (or a subclass with per-layer ``taus``) /
+  ``ToMeConfig`` -> :class:`Method`."""
+  if merge is None:
+    return Method("baseline", "baseline")
+  if isinstance(merge, MergeConfig):
+    taus = getattr(merge, "taus", None)
+    tau = [float(t) for t in taus] if taus is not None else float(merge.tau)
+    shown = ",".join(f"{t:g}" for t in tau) if isinstance(tau, list) else f"{tau:g}"
+    return Method(f"MaMe(tau={shown})", "mame", merge, tau=tau)
+  if isinstance(merge, ToMeConfig):
+    return Method(f"ToMe(r={merge.r})", "tome", merge, r=merge.r)
+  raise TypeError(f"Unknown merge config {type(merge).__name__}")
+
+
+
+def build_methods(model, taus=(DEFAULT_TAU,), tome_r=(), merge_layers=None, extra=()) -> list:
+  """Baseline, then ``MergeConfig(tau, merge_layers)`` per tau, then
+  ``ToMeConfig(r)`` (every block, proportional attention) per r, then ``extra``
+  merge configs."""
+  layers = default_layers(model.depth) if merge_layers is None else tuple(merge_layers)
+  merges = ([None] + [MergeConfig(tau=float(t), layers=layers) for t in taus]
+            + [ToMeConfig(r=int(r)) for r in tome_r] + list(extra))
+  return [describe_merge(m) for m in merges]
+

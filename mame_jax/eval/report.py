@@ -1,0 +1,46 @@
+"""The evaluation report: the text table and the JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+
+from mame_jax.eval import data as data_lib
+from mame_jax.eval import timing
+
+TABLE_COLUMNS = ("method", "top1", "images/s", "GFLOPs/img", "tokens/layer", "speedup",
+                 "ideal speedup")
+
+
+def format_report(result: dict) -> str:
+  """The text report: a header, the Table-1-like table and the corrupt count."""
+  shown = []
+  for r in result["rows"]:
+    shown.append({
+        "method": r["name"], "top1": r["top1"], "images/s": r["images_per_s"],
+        "GFLOPs/img": r["gflops_per_image"], "tokens/layer": r["mean_tokens_per_layer"],
+        "speedup": r["measured_speedup"], "ideal speedup": r["ideal_speedup"]})
+  head = (f"{result['data']}: {result['num_images']} images "
+          f"({result['num_labelled']} labelled), batch {result['batch_size']} on "
+          f"{result['num_devices']} device(s), {result['image_size']}px "
+          f"{result['preprocess']} preprocessing\n{result['device']}, {result['date']}; "
+          "GFLOPs from XLA (2 per multiply-add)")
+  return "\n".join([head, timing.format_table(shown, TABLE_COLUMNS),
+                    data_lib.describe_corrupt([tuple(c) for c in result["corrupt"]])
+                    if result["corrupt"] or not result["num_corrupt"]
+                    else f"{result['num_corrupt']} corrupt image(s) (on other hosts)"])
+
+
+def to_json(result: dict) -> dict:
+  """The JSON-able part of a result (no predictions)."""
+  return {k: v for k, v in result.items() if k not in ("predictions", "keys")}
+
+
+def write_json(path, payload):
+  if path and jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(payload, f, indent=2)
+

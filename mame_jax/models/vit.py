@@ -1,0 +1,515 @@
+"""Vision Transformer in Flax linen, laid out like big_vision's ``models/vit.py``.
+
+Module names follow big_vision so that its checkpoints (and, through
+``mame_jax.models.checkpoints``, AugReg / SigLIP / timm ones) load with no renaming table:
+
+    embedding/{kernel (p, p, 3, D), bias}
+    cls (1, 1, D)                  only with a class token
+    pos_embedding (1, h*w, D)      no class slot: added before the class token is prepended
+    Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_0,
+                                  LayerNorm_1, MlpBlock_0/{Dense_0, Dense_1}}
+    Transformer/encoder_norm       absent when fc_norm=True
+    MAPHead_0/{probe, MultiHeadDotProductAttention_0, LayerNorm_0, MlpBlock_0}
+    fc_norm, pre_logits, head
+
+What differs from big_vision, all for token merging:
+
+* The attention is written here (with flax's parameter names and shapes) so that it
+  masks padded keys, adds a per-key logit bias (ToMe's proportional attention adds
+  ``log(size)``) and returns the keys averaged over heads, ``(B, L, head_dim)``, which
+  ToMe and MaMe-on-keys use as the merge metric.
+* Each block has one marked merge hook between attention and MLP (eqs. 14-16:
+  ``x = x + MSA(LN(x)); x = MaMe(x); x = x + MLP(LN(x))``). ``token_mask (B, L)`` and
+  the token sizes ``size (B, L)`` flow from block to block, and the token count may
+  change from one block to the next (unscanned blocks only).
+* Pooling respects ``token_mask``.
+* Parameters are always float32; ``dtype_mm`` only sets the dtype in which the matmuls
+  and the patch convolution compute. The residual stream, LayerNorm, GELU and softmax
+  stay float32.
+
+Every model returns ``(output, aux)``; ``aux`` holds named intermediates.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LN_EPS = 1e-6
+# Logit given to masked keys. Finite rather than -inf so that a row whose keys are all
+# masked still has a finite (uniform) softmax instead of NaN; in float32,
+# exp(-1e30 - max) is exactly 0 next to any real key.
+MASKED_LOGIT = -1e30
+
+# (width, depth, mlp_dim, num_heads), Table 2 of arXiv:2106.04560 as in big_vision.
+VARIANTS = {
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+    "So400m": (1152, 27, 4304, 16),
+}
+
+
+def decode_variant(variant: Optional[str]) -> dict:
+  """``"B/16"`` -> ``{width: 768, depth: 12, mlp_dim: 3072, num_heads: 12,
+  patch_size: (16, 16)}``; without ``"/p"`` the patch size is left out."""
+  if variant is None:
+    return {}
+  name, _, patch = variant.partition("/")
+  if name not in VARIANTS:
+    raise ValueError(f"Unknown ViT variant {name!r}; known: {sorted(VARIANTS)}")
+  width, depth, mlp_dim, num_heads = VARIANTS[name]
+  kw = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
+  if patch:
+    kw["patch_size"] = (int(patch), int(patch))
+  return kw
+
+
+def pair(v) -> tuple[int, int]:
+  """``16`` or ``(16, 16)`` -> ``(16, 16)``: a side or ``(H, W)`` as two ints."""
+  return (int(v), int(v)) if np.ndim(v) == 0 else tuple(int(i) for i in v)
+
+
+def patch_grid(model, image_hw) -> tuple[int, int]:
+  """The grid of patches ``(H / ph, W / pw)`` that ``model`` makes of an image
+  ``image_hw = S`` or ``(H, W)``."""
+  (h, w), (ph, pw) = pair(image_hw), pair(model.patch_size)
+  return h // ph, w // pw
+
+
+def image_size_of(model, params, default: int = 224) -> int:
+  """The side of the square images ``params`` were made for: the learned
+  position-embedding grid (square) times the patch size; ``default`` when the
+  model has sin-cos embeddings (any size works)."""
+  pe = params.get("pos_embedding") if hasattr(params, "get") else None
+  if pe is None:
+    return default
+  return math.isqrt(pe.shape[1]) * pair(model.patch_size)[0]
+
+
+def posemb_sincos_2d(h, w, width, temperature=10_000.0, dtype=jnp.float32):
+  """Fixed 2-D sin-cos position embedding (MoCo v3, big_vision), ``(1, h*w, width)``.
+
+  Channels are ``[sin(x f), cos(x f), sin(y f), cos(y f)]`` for ``width // 4``
+  frequencies ``f`` going geometrically from 1 down to ``1 / temperature``; tokens in
+  row-major ``(y, x)`` order like the patch sequence.
+  """
+  if width % 4:
+    raise ValueError(f"sincos2d posemb needs a width divisible by 4, got {width}")
+  # NumPy: the table depends only on static shapes, so it enters the trace as a constant.
+  quarter = width // 4
+  freqs = 1.0 / temperature ** (np.arange(quarter) / max(quarter - 1, 1))
+  ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  ax = xs.reshape(-1, 1) * freqs[None]
+  ay = ys.reshape(-1, 1) * freqs[None]
+  pe = np.concatenate([np.sin(ax), np.cos(ax), np.sin(ay), np.cos(ay)], axis=1)
+  return jnp.asarray(pe[None], dtype)
+
+
+def resample_posemb(posemb, new_hw):
+  """Resizes a square grid of learned position embeddings to another grid.
+
+  ``posemb (1, h*w, D) -> (1, H*W, D)`` for ``new_hw = H`` or ``(H, W)``; the input
+  itself is returned when the grid already has that size.
+
+  Bilinear, ``jax.image.resize(..., method="bilinear", antialias=False)``: half-pixel
+  sample centres (as ``tf.image.resize`` and timm's ``F.interpolate(...,
+  align_corners=False)``) and no antialiasing, so that shrinking stays a plain
+  interpolation of the learned grid instead of a blur. big_vision uses
+  ``scipy.ndimage.zoom(order=1)``, which pins the corner samples instead; the two
+  differ slightly at other sizes and agree at the same size.
+  """
+  _, n, d = posemb.shape
+  new_h, new_w = pair(new_hw)
+  side = math.isqrt(n)
+  if side * side != n:
+    raise ValueError(f"resample_posemb needs a square grid, got {n} embeddings")
+  if (side, side) == (new_h, new_w):
+    return posemb
+  grid = jnp.asarray(posemb, jnp.float32).reshape(side, side, d)
+  grid = jax.image.resize(grid, (new_h, new_w, d), method="bilinear", antialias=False)
+  return grid.reshape(1, new_h * new_w, d).astype(posemb.dtype)
+
+
+def merge_hook(merge, layer, num_special, x, token_mask, size, keys):
+  """The one place where a block hands its tokens to the merge.
+
+  ``x (B, L, D)``, ``token_mask (B, L) bool``, ``size (B, L) float32`` (``None``
+  when nothing merges), ``keys (B, L, head_dim)`` ->
+  ``(x (B, L', D), token_mask (B, L'), size (B, L') | None, aux: dict)``.
+
+  ``merge=None`` is the identity; otherwise ``merge`` is a config from
+  ``mame_jax.models.merging`` (``MergeConfig`` or ``ToMeConfig``), or any callable
+  ``merge(x, token_mask, size, keys, layer=..., num_special=...)``.
+  """
+  if merge is None:
+    return x, token_mask, size, {}
+  return merge(x, token_mask, size, keys, layer=layer, num_special=num_special)
+
+
+class MlpBlock(nn.Module):
+  """Transformer MLP ``Dense(mlp_dim) -> GELU -> Dense(D)``: ``(B, L, D) -> (B, L, D)``."""
+
+  mlp_dim: Optional[int] = None  # defaults to 4 * D
+  dropout: float = 0.0
+  dtype_mm: Any = "float32"
+  gelu_approximate: bool = True  # big_vision: tanh GELU; timm: exact erf GELU
+
+  @nn.compact
+  def __call__(self, x, deterministic=True):
+    dense = functools.partial(
+        nn.Dense, dtype=self.dtype_mm, param_dtype=jnp.float32,
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(stddev=1e-6))
+    d = x.shape[-1]
+    y = dense(self.mlp_dim or 4 * d)(x)
+    y = nn.gelu(y.astype(jnp.float32), approximate=self.gelu_approximate)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    return dense(d)(y)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Multi-head attention with flax's parameters ``query|key|value|out``.
+
+  ``inputs_q (B, Q, D)``, ``inputs_kv (B, L, D)``; ``token_mask (B, L) bool`` marks the
+  real keys; ``bias (B, L)`` is added to every query's logit for that key. Returns
+  ``(out (B, Q, D), keys (B, L, head_dim))``, the keys averaged over heads.
+
+  Queries are scaled by ``1/sqrt(head_dim)``; logits and softmax are float32 whatever
+  ``dtype_mm`` is.
+  """
+
+  num_heads: int
+  dtype_mm: Any = "float32"
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv, token_mask=None, bias=None):
+    d = inputs_kv.shape[-1]
+    if d % self.num_heads:
+      raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}")
+    head_dim = d // self.num_heads
+    dense = functools.partial(
+        nn.DenseGeneral, dtype=self.dtype_mm, param_dtype=jnp.float32,
+        kernel_init=nn.initializers.xavier_uniform())
+    heads = (self.num_heads, head_dim)
+    q = dense(heads, axis=-1, name="query")(inputs_q)  # (B, Q, H, hd)
+    k = dense(heads, axis=-1, name="key")(inputs_kv)  # (B, L, H, hd)
+    v = dense(heads, axis=-1, name="value")(inputs_kv)  # (B, L, H, hd)
+    q = q / jnp.sqrt(head_dim).astype(q.dtype)
+
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+    if bias is not None:
+      logits = logits + bias[:, None, None, :].astype(jnp.float32)
+    if token_mask is not None:
+      logits = jnp.where(token_mask[:, None, None, :], logits, MASKED_LOGIT)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    out = dense(inputs_q.shape[-1], axis=(-2, -1), name="out")(y)
+    return out, jnp.mean(k, axis=-2)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-norm block: ``x + MSA(LN(x))``, then the merge hook, then ``x + MLP(LN(x))``.
+
+  ``__call__(x (B, L, D), token_mask=None, size=None) ->
+  (x (B, L', D), token_mask, size, aux)``; ``L' = L`` unless the merge changes it.
+  With ``prop_attn`` and a ``size``, attention adds ``log(size)`` to its logits
+  (ToMe's proportional attention).
+  """
+
+  mlp_dim: Optional[int] = None
+  num_heads: int = 12
+  dropout: float = 0.0
+  dtype_mm: Any = "float32"
+  gelu_approximate: bool = True
+  prop_attn: bool = False
+  merge: Any = None
+  layer: int = 0  # this block's index, handed to the merge hook
+  num_special: int = 0  # leading tokens the merge leaves alone (the class token)
+
+  @nn.compact
+  def __call__(self, x, token_mask=None, size=None, deterministic=True):
+    out = {}
+    prop_attn = self.prop_attn or getattr(self.merge, "prop_attn", False)
+    bias = jnp.log(size) if (prop_attn and size is not None) else None
+    y = nn.LayerNorm(epsilon=LN_EPS)(x)
+    y, keys = MultiHeadDotProductAttention(self.num_heads, self.dtype_mm)(
+        y, y, token_mask=token_mask, bias=bias)
+    out["sa"] = y
+    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    x = out["+sa"] = x + y
+
+    # ------------------- MERGE HOOK (eq. 15: x = MaMe(x)) -------------------
+    x, token_mask, size, out["merge"] = merge_hook(
+        self.merge, self.layer, self.num_special, x, token_mask, size, keys)
+    # ------------------------------------------------------------------------
+
+    y = nn.LayerNorm(epsilon=LN_EPS)(x)
+    y = out["mlp"] = MlpBlock(
+        mlp_dim=self.mlp_dim, dropout=self.dropout, dtype_mm=self.dtype_mm,
+        gelu_approximate=self.gelu_approximate)(y, deterministic)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    x = out["+mlp"] = x + y
+    return x, token_mask, size, out
+
+
+def _real_tokens(x, token_mask):
+  """Number of real tokens per sample, int32 ``(B,)``."""
+  if token_mask is None:
+    return jnp.full((x.shape[0],), x.shape[1], jnp.int32)
+  return jnp.sum(token_mask, axis=-1, dtype=jnp.int32)
+
+
+class Encoder(nn.Module):
+  """The blocks, then ``encoder_norm``.
+
+  ``__call__(x (B, L, D), token_mask=None, size=None) -> (x, token_mask, size, aux)``
+  with ``aux["block{i:02d}"]`` per block and ``aux["tokens_per_block"]`` int32
+  ``(B, depth)``, the real tokens left after each block.
+
+  ``scan=True`` runs one ``nn.scan``-ed, rematerialised (``remat_policy``) block whose
+  params ``encoderblock/...`` carry a leading layer axis. Scanning needs the same
+  token count in every block, so it refuses a ``merge``.
+  """
+
+  depth: int
+  mlp_dim: Optional[int] = None
+  num_heads: int = 12
+  dropout: float = 0.0
+  scan: bool = False
+  remat_policy: str = "nothing_saveable"
+  dtype_mm: Any = "float32"
+  gelu_approximate: bool = True
+  prop_attn: bool = False
+  merge: Any = None
+  final_norm: bool = True
+  num_special: int = 0
+
+  @nn.compact
+  def __call__(self, x, token_mask=None, size=None, deterministic=True):
+    out = {}
+    block_kw = dict(
+        mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
+        dtype_mm=self.dtype_mm, gelu_approximate=self.gelu_approximate,
+        prop_attn=self.prop_attn)
+    if self.scan:
+      if self.merge is not None:
+        raise ValueError(
+            "scan=True cannot merge: a scanned block needs the same token count "
+            "in every layer. Use scan=False (load_model unstacks scanned weights).")
+
+      def body(block, carry, mask, sz):
+        carry, _, _, aux = block(carry, mask, sz, deterministic)
+        return carry, aux
+
+      policy = getattr(jax.checkpoint_policies, self.remat_policy, None)
+      body = nn.remat(body, prevent_cse=False, policy=policy)
+      scanned = nn.scan(
+          body, variable_axes={"params": 0},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast, nn.broadcast), length=self.depth)
+      x, per_layer = scanned(
+          Encoder1DBlock(name="encoderblock", **block_kw), x, token_mask, size)
+      for i in range(self.depth):
+        out[f"block{i:02d}"] = jax.tree.map(lambda a, i=i: a[i], per_layer)
+      counts = [_real_tokens(x, token_mask)] * self.depth
+    else:
+      counts = []
+      for i in range(self.depth):
+        block = Encoder1DBlock(
+            name=f"encoderblock_{i}", merge=self.merge, layer=i,
+            num_special=self.num_special, **block_kw)
+        x, token_mask, size, out[f"block{i:02d}"] = block(
+            x, token_mask, size, deterministic)
+        counts.append(_real_tokens(x, token_mask))
+    out["pre_ln"] = x
+    out["tokens_per_block"] = jnp.stack(counts, axis=1)
+    if self.final_norm:
+      x = nn.LayerNorm(epsilon=LN_EPS, name="encoder_norm")(x)
+    return x, token_mask, size, out
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling: a learned probe attends to the real tokens.
+
+  ``x (B, L, D), token_mask (B, L) | None -> (B, D)``.
+  """
+
+  mlp_dim: Optional[int] = None
+  num_heads: int = 12
+  dtype_mm: Any = "float32"
+  gelu_approximate: bool = True
+
+  @nn.compact
+  def __call__(self, x, token_mask=None):
+    n, _, d = x.shape
+    probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d), jnp.float32)
+    probe = jnp.broadcast_to(probe, (n, 1, d))
+    y, _ = MultiHeadDotProductAttention(self.num_heads, self.dtype_mm)(
+        probe, x, token_mask=token_mask)
+    z = nn.LayerNorm(epsilon=LN_EPS)(y)
+    y = y + MlpBlock(mlp_dim=self.mlp_dim, dtype_mm=self.dtype_mm,
+                     gelu_approximate=self.gelu_approximate)(z)
+    return y[:, 0]
+
+
+def masked_mean(x, token_mask=None):
+  """Mean over the real tokens: ``x (B, L, D), token_mask (B, L) | None -> (B, D)``.
+
+  Every real token counts once whatever its ToMe ``size``.
+  """
+  if token_mask is None:
+    return jnp.mean(x, axis=1)
+  w = token_mask.astype(x.dtype)[..., None]
+  return jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1)
+
+
+class _Model(nn.Module):
+  """ViT: ``__call__(image (B, H, W, 3) in [-1, 1], *, train=False) -> (output, aux)``.
+
+  ``output`` is the logits ``(B, num_classes)`` when ``num_classes`` is set, else the
+  pooled representation (after ``pre_logits`` when ``rep_size``); ``pool_type="none"``
+  keeps the token axis. ``aux`` holds ``stem``, ``with_posemb``, ``block{i:02d}``
+  (``sa``, ``+sa``, ``merge``, ``mlp``, ``+mlp``), ``pre_ln``, ``encoded``,
+  ``head_input``, ``pre_logits``, ``logits``, ``tokens_per_block`` int32
+  ``(B, depth)``, and with a merge the final ``token_mask`` and ``size``.
+
+  Attributes beyond big_vision's:
+    class_token: prepend the ``cls`` token; ``None`` means ``pool_type == "tok"``.
+      timm MAE fine-tuned models have ``class_token=True`` with ``pool_type="gap"``,
+      where ``gap`` averages the other tokens.
+    fc_norm: no ``encoder_norm`` before pooling; a LayerNorm ``fc_norm`` after it.
+    gelu_approximate: tanh GELU (big_vision) or exact erf GELU (timm: ``False``).
+    input_norm: ``(mean, std)``, per-channel tuples. Images always arrive in [-1, 1];
+      with ``input_norm`` they are mapped to ``((x + 1) / 2 - mean) / std`` before the
+      patch embedding, which is the normalisation timm DeiT / MAE weights expect.
+    prop_attn: add ``log(size)`` to the attention logits (ToMe) once tokens merge.
+    merge: opaque, hashable merge configuration handed to every block's merge hook.
+      With a merge, ``token_mask`` starts all True and ``size`` all ones; without one
+      both stay ``None`` and the model costs what big_vision's does.
+  """
+
+  num_classes: Optional[int] = None
+  patch_size: Union[int, Sequence[int]] = (16, 16)
+  width: int = 768
+  depth: int = 12
+  mlp_dim: Optional[int] = None  # defaults to 4 * width
+  num_heads: int = 12
+  posemb: str = "learn"  # or "sincos2d"
+  rep_size: Union[int, bool] = False
+  dropout: float = 0.0
+  pool_type: str = "gap"  # "tok", "gap", "map" or "none"
+  class_token: Optional[bool] = None
+  fc_norm: bool = False
+  head_zeroinit: bool = True
+  scan: bool = False
+  remat_policy: str = "nothing_saveable"
+  dtype_mm: Any = "float32"
+  gelu_approximate: bool = True
+  input_norm: Optional[tuple] = None
+  prop_attn: bool = False
+  merge: Any = None
+
+  @property
+  def has_class_token(self) -> bool:
+    if self.class_token is None:
+      return self.pool_type == "tok"
+    return bool(self.class_token)
+
+  @nn.compact
+  def __call__(self, image, *, train=False):
+    if self.pool_type not in ("tok", "gap", "map", "none"):
+      raise ValueError(f"Unknown pool type {self.pool_type!r}")
+    if self.pool_type == "tok" and not self.has_class_token:
+      raise ValueError("pool_type='tok' needs a class token")
+    out = {}
+    image = jnp.asarray(image, jnp.float32)
+    if self.input_norm is not None:
+      mean, std = (jnp.asarray(v, jnp.float32) for v in self.input_norm)
+      image = ((image + 1.0) / 2.0 - mean) / std
+
+    patch = pair(self.patch_size)
+    x = out["stem"] = nn.Conv(
+        self.width, patch, strides=patch, padding="VALID", name="embedding",
+        dtype=self.dtype_mm, param_dtype=jnp.float32)(image)
+    n, h, w, d = x.shape
+    x = x.reshape(n, h * w, d).astype(jnp.float32)
+
+    # Position embeddings go on the patches, before the class token is prepended.
+    if self.posemb == "learn":
+      pos = self.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(d)),
+                       (1, h * w, d), jnp.float32)
+    elif self.posemb == "sincos2d":
+      pos = posemb_sincos_2d(h, w, d)
+    else:
+      raise ValueError(f"Unknown posemb type {self.posemb!r}")
+    x = out["with_posemb"] = x + pos
+
+    num_prefix = 0
+    if self.has_class_token:
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, d), jnp.float32)
+      x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, d)), x], axis=1)
+      num_prefix = 1
+    x = nn.Dropout(rate=self.dropout)(x, not train)
+
+    token_mask = size = None
+    if self.merge is not None:
+      token_mask = jnp.ones(x.shape[:2], bool)
+      size = jnp.ones(x.shape[:2], jnp.float32)
+
+    x, token_mask, size, enc = Encoder(
+        depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+        dropout=self.dropout, scan=self.scan, remat_policy=self.remat_policy,
+        dtype_mm=self.dtype_mm, gelu_approximate=self.gelu_approximate,
+        prop_attn=self.prop_attn, merge=self.merge, final_norm=not self.fc_norm,
+        num_special=num_prefix, name="Transformer")(x, token_mask, size, deterministic=not train)
+    out.update(enc)
+    if token_mask is not None:
+      out["token_mask"], out["size"] = token_mask, size
+    out["encoded"] = x
+
+    if self.pool_type == "tok":
+      x = x[:, 0]
+    elif self.pool_type == "gap":  # mean over the real, non-class tokens
+      mask = None if token_mask is None else token_mask[:, num_prefix:]
+      x = masked_mean(x[:, num_prefix:], mask)
+    elif self.pool_type == "map":
+      x = MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                  dtype_mm=self.dtype_mm,
+                  gelu_approximate=self.gelu_approximate)(x, token_mask)
+    if self.fc_norm:
+      x = nn.LayerNorm(epsilon=LN_EPS, name="fc_norm")(x)
+    out["head_input"] = x
+
+    if self.rep_size:
+      rep_size = self.width if self.rep_size is True else self.rep_size
+      x = nn.tanh(nn.Dense(rep_size, name="pre_logits")(x))
+    out["pre_logits"] = x
+
+    if self.num_classes:
+      kw = {"kernel_init": nn.initializers.zeros} if self.head_zeroinit else {}
+      x = out["logits"] = nn.Dense(self.num_classes, name="head", **kw)(x)
+    return x, out
+
+
+def Model(num_classes=None, *, variant=None, **kw):  # pylint: disable=invalid-name
+  """``Model(1000, variant="B/16", pool_type="tok")`` -> ``_Model``.
+
+  ``variant`` sets width, depth, mlp_dim and num_heads (and patch_size with ``"/p"``);
+  keyword arguments override it.
+  """
+  kw = {**decode_variant(variant), **kw}
+  if "patch_size" in kw:
+    kw["patch_size"] = pair(kw["patch_size"])
+  if kw.get("input_norm") is not None:  # tuples of floats keep the module hashable
+    kw["input_norm"] = tuple(tuple(float(c) for c in np.ravel(v)) for v in kw["input_norm"])
+  return _Model(num_classes, **kw)

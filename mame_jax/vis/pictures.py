@@ -1,0 +1,246 @@
+"""Token-cluster pictures (the paper's Figure 1) and the ``mame-jax visualize`` CLI.
+
+Every patch of the image is painted with the mean colour of the patches that
+share its token (``mame_jax.vis.sources``: the token holding the largest share of
+the patch), with a thin line wherever two neighbouring patches belong to
+different tokens. One panel per merge layer, titled with the model's token
+count after that block; one row per image and method (MaMe, optionally ToMe).
+
+Pictures are drawn with matplotlib's object API on an Agg canvas, so nothing
+here needs a display or changes the global matplotlib backend (notebooks keep
+their inline backend). Figures have an exact pixel size:
+``(1 + len(layers)) * panel`` wide and ``rows * (panel + TITLE_PX)`` high.
+
+Images everywhere are ``(H, W, 3)`` floats in [-1, 1], what ``mame_jax.models.vit``
+takes. Without a checkpoint the CLI and :func:`demo_figure` use a small randomly
+initialised ViT: on real photographs its first blocks still see the image's
+colours and edges, so clusters follow the picture, but they are not what a
+trained model would merge.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from mame_jax.eval.data import PHOTOS, load_image
+from mame_jax.models import load
+from mame_jax.models.merging import DEFAULT_TAU, MergeConfig, ToMeConfig, default_layers
+from mame_jax.models.vit import image_size_of
+from mame_jax.vis import sources
+
+TITLE_PX = 22   # title band above every panel
+DPI = 100
+
+
+# ----------------------------------------------------------------------------
+# Images
+
+
+# ----------------------------------------------------------------------------
+# Pictures
+
+
+def cluster_image(image, hard, grid, *, size: Optional[int] = None,
+                  line=(1.0, 1.0, 1.0)) -> np.ndarray:
+  """One token-cluster picture.
+
+  Args:
+    image: (H, W, 3) in [-1, 1], the image the model saw.
+    hard: (P,) int, the token holding each patch (``SourceMap.hard[b]``); -1
+      (a dropped patch) is painted black.
+    grid: ``(h, w)`` patches, ``P = h * w``, row-major.
+    size: side of the picture in pixels (default: the image's height); patches
+      are scaled to it by nearest neighbour, so lines stay one pixel wide.
+    line: RGB in [0, 1] of the lines between groups.
+
+  Returns:
+    (size, round(size * W / H), 3) float32 RGB in [0, 1]: each patch has its group's
+    mean colour (the mean over all pixels of the group's patches).
+  """
+  image = (np.asarray(image, np.float64) + 1) / 2
+  hard = np.asarray(hard).reshape(-1)
+  gh, gw = grid
+  if hard.size != gh * gw:
+    raise ValueError(f"hard has {hard.size} patches but grid {grid} needs {gh * gw}")
+  ph, pw = image.shape[0] // gh, image.shape[1] // gw
+  patch_rgb = image[:gh * ph, :gw * pw].reshape(gh, ph, gw, pw, 3).mean((1, 3)).reshape(-1, 3)
+  labels = np.where(hard >= 0, hard, hard.max(initial=0) + 1)  # dropped: a group of their own
+  counts = np.bincount(labels)
+  mean = np.stack([np.bincount(labels, patch_rgb[:, c]) for c in range(3)], -1)
+  mean = mean / np.maximum(counts, 1)[:, None]
+  colour = np.where((hard >= 0)[:, None], mean[labels], 0.0).reshape(gh, gw, 3)
+
+  out_h = image.shape[0] if size is None else int(size)
+  out_w = max(1, round(out_h * image.shape[1] / image.shape[0]))
+  rows = np.arange(out_h) * gh // out_h
+  cols = np.arange(out_w) * gw // out_w
+  ids = labels.reshape(gh, gw)[rows][:, cols]
+  picture = colour[rows][:, cols]
+  edge = np.zeros(ids.shape, bool)
+  edge[:, :-1] |= ids[:, :-1] != ids[:, 1:]
+  edge[:-1, :] |= ids[:-1, :] != ids[1:, :]
+  picture[edge] = line
+  return picture.astype(np.float32)
+
+
+def figure_size(num_rows: int, num_layers: int, panel: int = 160) -> tuple[int, int]:
+  """``(width, height)`` in pixels of :func:`cluster_figure`'s figure."""
+  return (1 + num_layers) * panel, num_rows * (panel + TITLE_PX)
+
+
+def cluster_figure(images, rows: Sequence[tuple], layers: Sequence[int], *,
+                   out_path=None, panel: int = 160, names: Optional[Sequence[str]] = None
+                   ) -> Figure:
+  """Figure 1: for every image, one row per method.
+
+  Args:
+    images: (B, H, W, 3) in [-1, 1].
+    rows: ``(label, maps)`` pairs, e.g. ``[("MaMe tau=0.8", maps), ("ToMe r=12",
+      tome_maps)]``, with ``maps`` from :func:`mame_jax.vis.sources.source_maps`.
+    layers: the blocks to draw, one panel each (titled with the token count the
+      model has after that block, class token included).
+    out_path: where to write the figure as PNG, or None.
+    panel: side of each panel in pixels.
+    names: one caption per image for the first column.
+
+  Returns:
+    the matplotlib ``Figure`` (size :func:`figure_size`), drawn on an Agg canvas.
+  """
+  images = np.asarray(images)
+  layers = list(layers)
+  width, height = figure_size(len(images) * len(rows), len(layers), panel)
+  fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+  FigureCanvasAgg(fig)
+  r = 0
+  for b, image in enumerate(images):
+    for label, maps in rows:
+      top = r * (panel + TITLE_PX) + TITLE_PX
+      caption = label if names is None else f"{names[b]}: {label}"
+      _panel(fig, (image + 1) / 2, 0, top, panel, width, height, caption)
+      for c, layer in enumerate(layers, start=1):
+        smap = maps[layer]
+        grid = smap.grid or sources.grid_shape(smap.hard.shape[-1])
+        pic = cluster_image(image, np.asarray(smap.hard[b]), grid, size=panel)
+        tokens = int(smap.num_tokens[b])
+        _panel(fig, pic, c * panel, top, panel, width, height, f"block {layer}: {tokens} tokens")
+      r += 1
+  if out_path is not None:
+    fig.savefig(out_path, dpi=DPI)
+  return fig
+
+
+def _panel(fig, picture, left, top, panel, width, height, title):
+  ax = fig.add_axes((left / width, 1 - (top + panel) / height, panel / width, panel / height))
+  ax.imshow(np.clip(picture, 0, 1), interpolation="nearest", aspect="auto")
+  ax.set_axis_off()
+  ax.set_title(title, fontsize=7.5, pad=3)
+
+
+def merge_maps(model, params, images, merge, *, per_image: bool = True):
+  """Runs ``model`` with ``merge`` on ``images (B, H, W, 3)`` and returns
+  ``(maps, aux)``: one :class:`~mame_jax.vis.sources.SourceMap` per block (batch
+  ``B``) and the model's ``aux`` (``tokens_per_block`` of every image).
+
+  MaMe runs at full capacity in every layer (exact, nothing dropped) in one
+  compiled program: for a few pictures that beats the runner's bucket search.
+  ``per_image``: run every image alone (the same compiled program). MaMe's
+  preservation mask is batch-wide (Sec. 3.3): in a batch, an image keeps every
+  token that any other image keeps, so its picture would depend on the others.
+  """
+  if isinstance(merge, MergeConfig):
+    merge = merge.replace(capacities=None, mode="exact")
+  run = _compiled(model.clone(merge=merge))
+  images = jnp.asarray(images)
+  parts = ([run(params, images[i:i + 1]) for i in range(len(images))] if per_image
+           else [run(params, images)])
+  maps, counts = jax.tree.map(lambda *a: jnp.concatenate(a), *parts) if len(parts) > 1 else parts[0]
+  return maps, {"tokens_per_block": counts}
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(model):
+  """One jitted forward + source maps per model (merge config included), so
+  that drawing the same tau again -- a slider moving back -- compiles nothing."""
+
+  @jax.jit
+  def run(params, x):
+    _, aux = model.apply({"params": params}, x)
+    return sources.source_maps(aux, model.merge), aux["tokens_per_block"]
+
+  return run
+
+
+def matched_tome_r(maps, layers: Sequence[int], num_special: int = 1) -> int:
+  """ToMe's ``r`` that removes, over ``layers``, about as many tokens as MaMe
+  did (batch mean), so that both rows end with similar token counts."""
+  start = maps[0].soft.shape[1] + num_special
+  end = float(np.mean(np.asarray(maps[max(layers)].num_tokens)))
+  return max(0, round((start - end) / max(len(layers), 1)))
+
+
+def draw(model, params, images, *, tau: float = DEFAULT_TAU, layers: Sequence[int] = range(8),
+         tome_r=None, out_path=None, panel: int = 160, names=None):
+  """Runs MaMe (and ToMe when ``tome_r`` is an int, or ``"match"`` for
+  :func:`matched_tome_r`) in ``layers`` and draws :func:`cluster_figure`.
+
+  Returns ``(figure, counts)``: ``counts[label]`` is ``aux["tokens_per_block"]``
+  (B, depth) of that row.
+  """
+  layers = sorted(set(int(l) for l in layers))
+  if not layers or layers[0] < 0 or layers[-1] >= model.depth:
+    raise ValueError(f"layers must be blocks of the model (0..{model.depth - 1}); got {layers}")
+  cfg = MergeConfig(tau=float(tau), layers=tuple(layers))
+  maps, aux = merge_maps(model, params, images, cfg)
+  label = f"MaMe tau={tau:g}"
+  rows, counts = [(label, maps)], {label: np.asarray(aux["tokens_per_block"])}
+  if tome_r is not None:
+    r = matched_tome_r(maps, layers, maps[0].num_special) if tome_r == "match" else int(tome_r)
+    tmaps, taux = merge_maps(model, params, images, ToMeConfig(r=r, layers=tuple(layers)))
+    label = f"ToMe r={r}"
+    rows.append((label, tmaps))
+    counts[label] = np.asarray(taux["tokens_per_block"])
+  fig = cluster_figure(images, rows, layers, out_path=out_path, panel=panel, names=names)
+  return fig, counts
+
+
+def demo_figure(out_path, *, images: Sequence[str] = PHOTOS[:3], checkpoint=None,
+                tau: float = DEFAULT_TAU, tome_r="match", layers: Optional[Sequence[int]] = None,
+                panel: int = 160, verbose: bool = True) -> pathlib.Path:
+  """Figure 1 for the bundled ``skimage.data`` photographs, written to ``out_path``.
+
+  ``checkpoint``: a file ``load_model`` reads; without one a small randomly
+  initialised ViT (:func:`random_vit`) is used, and ``verbose`` says so.
+  ``tome_r``: an int, ``"match"`` (ToMe removes as many tokens as MaMe) or None
+  (no ToMe row). ``layers``: default the first 8 blocks (the paper's
+  training-free setting), or all of a shallower model's.
+  """
+  model, params, note = load.checkpoint_or_random(checkpoint)
+  layers = default_layers(model.depth) if layers is None else layers
+  size = image_size_of(model, params)
+  batch = np.stack([load_image(name, size) for name in images])
+  _, counts = draw(model, params, batch, tau=tau, layers=layers, tome_r=tome_r,
+                   out_path=out_path, panel=panel, names=list(images))
+  if verbose:
+    print(note)
+    print_counts(counts, images, layers)
+    print(f"wrote {out_path}")
+  return pathlib.Path(out_path)
+
+
+def print_counts(counts, names, layers):
+  """Prints the tokens after every merge layer, one line per method and image."""
+  layers = sorted(set(int(l) for l in layers))
+  for label, c in counts.items():
+    for name, row in zip(names, c):
+      print(f"{label:>16} {name:>18}: tokens after blocks {layers[0]}-{layers[-1]}: "
+            + " ".join(str(int(row[l])) for l in layers))
+
+
