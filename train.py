@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from mame_jax import MergeConfig
+from mame_jax.models.merging import merge_records
 from mame_jax.models import vit
 from mame_jax.eval.data import PHOTOS, Loader, array_source, load_image, load_source, preprocess_fn
 
@@ -34,8 +35,7 @@ def make_step(model, tx):
   def loss_fn(params, images, labels, rng):
     logits, aux = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    dropped = sum(aux[f"block{l:02d}"]["merge"]["info"].dropped.sum()
-                  for l in model.merge.layers) if model.merge is not None else 0
+    dropped = sum(r["info"].dropped.sum() for r in merge_records(aux) if "info" in r)
     return loss, {"loss": loss, "dropped": dropped,
                   "accuracy": (logits.argmax(-1) == labels).mean(),
                   "tokens": aux["tokens_per_block"].mean(0)}

@@ -26,7 +26,7 @@ import numpy as np
 
 from mame_jax.buckets import bucket_for, linear_buckets
 from mame_jax.merge import merged_length, num_sources
-from mame_jax.models.merging import MergeConfig
+from mame_jax.models.merging import MergeConfig, merge_records
 from mame_jax.models.vit import patch_grid
 
 
@@ -137,7 +137,8 @@ def _summarise(cfg, aux):
   to ``aux`` for MaMe configs."""
   if not isinstance(cfg, MergeConfig) or not cfg.active:
     return aux
-  infos = [aux[f"block{l:02d}"]["merge"]["info"] for l in cfg.layers]
+  records = merge_records(aux)
+  infos = [records[l]["info"] for l in cfg.layers]
   aux = dict(aux)
   aux["num_preserved"] = np.array([int(_host(i.num_preserved)) for i in infos])
   aux["overflow"] = np.array([bool(_host(i.overflow)) for i in infos])

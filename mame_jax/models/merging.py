@@ -157,6 +157,19 @@ class ToMeConfig:
     return y, jnp.ones(y.shape[:2], bool), size, {"record": record}
 
 
+def merge_records(aux: dict) -> list[dict]:
+  """The merge record of every block, read from a model's ``aux``: ``records[i]``
+  is what block ``i``'s merge left -- ``{"info": MergeInfo}`` for MaMe,
+  ``{"record": ToMeRecord}`` for ToMe -- or ``{}`` where the block did not
+  merge. ``len(records)`` is the model's depth. The one place that knows where
+  in ``aux`` a block keeps its record."""
+  blocks = sorted(k for k in aux if k.startswith("block") and k[5:].isdigit())
+  if not blocks:
+    raise ValueError("aux holds no blocks: it must come from a mame_jax.models.vit model "
+                     f"(keys 'block00', ...); got keys {sorted(aux)[:8]}")
+  return [aux[name].get("merge") or {} for name in blocks]
+
+
 def default_layers(depth: int) -> tuple:
   """The paper's training-free default: MaMe in the first 8 blocks (all of them
   when the model has fewer). ``depth``: the model's number of blocks."""

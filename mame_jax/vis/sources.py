@@ -67,7 +67,7 @@ import jax
 import jax.numpy as jnp
 
 from mame_jax.merge import MergeInfo
-from mame_jax.models.merging import MergeConfig, ToMeConfig
+from mame_jax.models.merging import MergeConfig, ToMeConfig, merge_records
 from mame_jax.tome import ToMeRecord
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # no TF32: shares must add up to one
@@ -221,7 +221,7 @@ def source_maps(aux: dict, merge=None) -> list[SourceMap]:
   batch, h, w, _ = aux["stem"].shape
   length = aux[blocks[0]]["+sa"].shape[1]
   _check_records(aux, blocks, merge)
-  records = [aux[name].get("merge") or {} for name in blocks]
+  records = merge_records(aux)
   return _track_blocks(records, batch, (h, w), length - h * w)
 
 
@@ -249,7 +249,7 @@ def _check_records(aux, blocks, merge):
   else:
     raise TypeError(f"merge must be a MergeConfig or ToMeConfig; got {type(merge).__name__}")
   for layer in want:
-    if key not in (aux[blocks[layer]].get("merge") or {}):
+    if key not in merge_records(aux)[layer]:
       raise ValueError(f"block {layer} should merge under {merge} but aux holds no "
                        f"'{key}' record for it: was aux made by a model with this config?")
 
