@@ -26,8 +26,8 @@ vectors, which have nothing to merge with and are preserved. The positions of
 the clusters and outliers are the same for every sample, so ``r`` (batch-wide,
 Sec. 3.3) does not grow with B and every B times the same capacity.
 
-Then the compilation count (DESIGN §3): 40 inputs (24 with ``--quick``) whose
-outlier fraction is drawn from ``--sweep-outliers`` (so each has its own ``r``)
+Then the compilation count (docs/design.md, §3 Static shapes): 40 inputs (24
+with ``--quick``) whose outlier fraction is drawn from ``--sweep-outliers`` (so each has its own ``r``)
 go through a jitted ``mame`` whose capacity is static, once with
 ``capacity = bucket_for(r, linear buckets of step 16)`` and once with
 ``capacity = r`` exactly; ``TraceCounter`` counts the programs compiled. ``r``

@@ -7,8 +7,9 @@
 For each model (random weights unless ``--checkpoint``; the token counts of a
 trained model differ, the cost of a given token count does not) and one batch of
 real photographs (skimage.data, resized, tiled to the batch size), it times the
-whole jitted forward (``mame_jax.eval.timing.time_fn``: compile first, then the median
-of timed runs, each ending in ``block_until_ready``) for:
+whole jitted forward (``mame_jax.eval.timing.time_interleaved``: compile each first,
+then rounds calling every method in turn, each call ending in ``block_until_ready``;
+the median per method, with its interquartile range) for:
 
 * ``baseline`` -- the plain ViT;
 * ``mame`` -- MaMe in the first 8 blocks at ``tau`` (exact mode: the capacity
@@ -77,14 +78,22 @@ def tome_r_matching(model, length, target_flops_ratio):
   return best[0]
 
 
-def measure(name, fn, params, images, runs, extra):
-  t = timing.time_fn(fn, params, images, warmup=2, runs=runs)
-  g = timing.gflops(fn, params, images) / images.shape[0]
-  row = dict(method=name, images_per_s=images.shape[0] / t.median_s, ms_per_batch=t.median_s * 1e3,
-             gflops_per_image=g, compile_s=t.compile_s, **extra)
-  print(f"  {name:<9} {row['images_per_s']:8.1f} img/s  {g:7.3f} GFLOPs/img  "
-        f"(median of {runs}, compile {t.compile_s:.1f}s)", flush=True)
-  return row
+def measure_all(methods, params, images, runs):
+  """``methods = [(name, fn, extra)]`` -> one row each, timed interleaved."""
+  timings = timing.time_interleaved({name: (fn, (params, images)) for name, fn, _ in methods},
+                                    rounds=runs, warmup=2)
+  rows = []
+  for name, fn, extra in methods:
+    t = timings[name]
+    g = timing.gflops(fn, params, images) / images.shape[0]
+    row = dict(method=name, images_per_s=images.shape[0] / t.median_s,
+               ms_per_batch=t.median_s * 1e3, iqr_ms=t.iqr_s * 1e3, gflops_per_image=g,
+               compile_s=t.compile_s, **extra)
+    print(f"  {name:<9} {row['images_per_s']:8.1f} img/s  {g:7.3f} GFLOPs/img  "
+          f"(median of {runs}, IQR {row['iqr_ms']:.1f} ms, compile {t.compile_s:.1f}s)",
+          flush=True)
+    rows.append(row)
+  return rows
 
 
 def bench_model(variant, args, images):
@@ -95,20 +104,22 @@ def bench_model(variant, args, images):
   else:
     params = jax.jit(model.init)(jax.random.key(0), images[:1])["params"]
   print(f"ViT-{variant}, batch {images.shape[0]}, {dtype}", flush=True)
-  rows = []
+  methods = []
   base_fn = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
-  rows.append(measure("baseline", base_fn, params, images, args.runs,
-                      dict(tokens_per_layer=[float(images.shape[1] // 16) ** 2 + 1] * model.depth)))
+  base_gflops = timing.gflops(base_fn, params, images) / images.shape[0]
+  methods.append(("baseline", base_fn,
+                  dict(tokens_per_layer=[float(images.shape[1] // 16) ** 2 + 1] * model.depth)))
 
   layers = tuple(range(min(8, model.depth)))
   runner = mj.Runner(model.clone(merge=mj.MergeConfig(tau=args.tau, layers=layers)), params)
   _, aux = runner(images)
   tokens = np.asarray(aux["tokens_per_block"]).mean(0).round(1).tolist()
   mame_fn = runner.program(runner.schedule, images.shape)
-  mame_row = measure("mame", lambda p, x: mame_fn(p, x)[0], params, images, args.runs,
-                     dict(tau=args.tau, capacities=list(runner.schedule), tokens_per_layer=tokens,
-                          reruns=runner.reruns))
-  rows.append(mame_row)
+  mame_out = jax.jit(lambda p, x: mame_fn(p, x)[0])
+  mame_gflops = timing.gflops(mame_out, params, images) / images.shape[0]
+  methods.append(("mame", mame_out,
+                  dict(tau=args.tau, capacities=list(runner.schedule), tokens_per_layer=tokens,
+                       reruns=runner.reruns)))
 
   lengths, n = [], images.shape[1] // 16 * (images.shape[2] // 16) + 1
   cfg = runner.cfg.replace(capacities=runner.schedule)
@@ -117,19 +128,19 @@ def bench_model(variant, args, images):
     lengths.append((l, n))
   slice_model = model.clone(merge=SliceTo(tuple(lengths)))
   slice_fn = jax.jit(lambda p, x: slice_model.apply({"params": p}, x)[0])
-  rows.append(measure("slice", slice_fn, params, images, args.runs, dict(lengths=lengths)))
+  methods.append(("slice", slice_fn, dict(lengths=lengths)))
 
   length = images.shape[1] // 16 * (images.shape[2] // 16) + 1
-  r = tome_r_matching(model, length, rows[0]["gflops_per_image"] and
-                      mame_row["gflops_per_image"] / rows[0]["gflops_per_image"])
+  r = tome_r_matching(model, length, base_gflops and mame_gflops / base_gflops)
   tome_model = model.clone(merge=mj.ToMeConfig(r=r))
   tome_fn = jax.jit(lambda p, x: tome_model.apply({"params": p}, x))
   _, taux = tome_fn(params, images)
-  rows.append(measure("tome", lambda p, x: tome_fn(p, x)[0], params, images, args.runs,
-                      dict(r=r, tokens_per_layer=np.asarray(taux["tokens_per_block"]).mean(0)
-                           .round(1).tolist())))
+  methods.append(("tome", jax.jit(lambda p, x: tome_fn(p, x)[0]),
+                  dict(r=r, tokens_per_layer=np.asarray(taux["tokens_per_block"]).mean(0)
+                       .round(1).tolist())))
 
-  base = rows[0]
+  rows = measure_all(methods, params, images, args.runs)
+  base, mame_row = rows[0], rows[1]
   for row in rows:
     row["model"] = f"ViT-{variant}"
     row["measured_speedup"] = row["images_per_s"] / base["images_per_s"]

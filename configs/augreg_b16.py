@@ -9,12 +9,15 @@ in the first 8 blocks).
     mame-jax eval --config configs/augreg_b16.py
     mame-jax eval --config configs/augreg_b16.py --tau 0.6 0.7 0.8 0.9 --limit 10000
     mame-jax eval --config configs/augreg_b16.py --merge-layers 0-3 --tau 0.8
+    mame-jax eval --config configs/augreg_b16.py:res=384 --config.input.batch_size=64
 
-The second command sweeps tau like Figure 4; vary ``--merge-layers`` for its
-other axis. The paper does not say at which resolution its AugReg checkpoint
-ran; this config uses the 224 px fine-tune (``:res=384`` takes the 384 px one,
-with ``--batch-size`` to match your memory). Our GFLOPs are XLA's count (2 per
-multiply-add), about twice fvcore's.
+The second command sweeps tau like Figure 4; vary ``--merge-layers``
+(``merge.layers``) for its other axis. The paper does not say at which
+resolution its AugReg checkpoint ran; this config uses the 224 px fine-tune
+(``:res=384`` takes the 384 px one, with ``--batch-size`` or
+``--config.input.batch_size`` to match your memory). Our GFLOPs are XLA's count
+(2 per multiply-add), about twice fvcore's. The ``arg`` keys are those of
+``common.table1_config`` plus ``res``.
 
 Data: ImageNet-1k validation for tfds (``imagenet2012``, prepared once
 offline: ``tfds build imagenet2012 --file_format=array_record`` with the
@@ -26,21 +29,14 @@ bucket (https mirror of gs://vit_models/augreg/), downloaded once into
 (``resize_small(256)`` area, ``central_crop(224)``, values in [-1, 1]).
 """
 
-from mame_jax.configs.common import parse_config_arg, table1_config
+from mame_jax.configs import common
 
-CHECKPOINTS = {
-    224: ("https://storage.googleapis.com/vit_models/augreg/B_16-i21k-300ep-lr_0.001-"
-          "aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.01-res_224.npz"),
-    384: ("https://storage.googleapis.com/vit_models/augreg/B_16-i21k-300ep-lr_0.001-"
-          "aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.01-res_384.npz"),
-}
+CHECKPOINTS = {224: "augreg_b16", 384: "augreg_b16_384"}  # names mame_jax.models.load knows
 
 
 def get_config(arg=None):
-  res = parse_config_arg(arg, res=224, batch_size=0, dtype="", data="", tau=0.0, tome_r=0,
-                         limit=0).res
-  if res not in CHECKPOINTS:
-    raise ValueError(f"res must be one of {sorted(CHECKPOINTS)}; got {res}")
-  rest = ",".join(p for p in (arg or "").split(",") if p and not p.startswith("res="))
-  return table1_config(rest, checkpoint=CHECKPOINTS[res], preprocess="big_vision", tome_r=16,
-                       image_size=res)
+  arg = common.table1_arg(arg, tome_r=16, res=224)
+  if arg.res not in CHECKPOINTS:
+    raise ValueError(f"res must be one of {sorted(CHECKPOINTS)}; got {arg.res}")
+  return common.table1_config(arg, checkpoint=CHECKPOINTS[arg.res], preprocess="big_vision",
+                              tome_r=16, image_size=arg.res)

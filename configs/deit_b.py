@@ -6,11 +6,13 @@ Paper: Table 1, ViT-B (DeiT): baseline 81.83% / 17.6 GFLOPs / 2130 img/s; MaMe
 
     mame-jax eval --config configs/deit_b.py
     mame-jax eval --config configs/deit_b.py:batch_size=512,dtype=bfloat16 --limit 5000
+    mame-jax eval --config configs/deit_b.py --config.merge.tau='(0.7,0.9)' --limit 5000
     mame-jax calibrate --config configs/deit_b.py --target-speedup 2 --limit 10000
 
 Rows: baseline, MaMe (tau = 0.8, first 8 blocks) and ToMe (r = 16); the
 rows, the data, the GFLOPs convention and ``arg`` are described in
-``configs/common.py``.
+``configs/common.py`` (``table1_config``); ``--config.a.b=value`` sets any other
+field, and the short flags (``--limit``, ``--tau``, ...) win over both.
 
 Checkpoint: The timm weights on the Hugging Face hub
 (``timm/deit_base_patch16_224.fb_in1k``), safetensors: they load without torch.
@@ -18,11 +20,11 @@ Downloaded once into ``~/.cache/mame_jax`` (``$MAME_JAX_CACHE``); ``--checkpoint
 PATH`` uses a local file instead.
 """
 
-from mame_jax.configs.common import table1_config
+from mame_jax.configs import common
 
-CHECKPOINT = ("https://huggingface.co/timm/"
-              "deit_base_patch16_224.fb_in1k/resolve/main/model.safetensors")
+# A name mame_jax.models.load knows: its URL (and checksum) live in one table there.
+CHECKPOINT = "deit_b"
 
 
 def get_config(arg=None):
-  return table1_config(arg, checkpoint=CHECKPOINT, preprocess="timm", tome_r=16)
+  return common.table1_config(arg, checkpoint=CHECKPOINT, preprocess="timm", tome_r=16)

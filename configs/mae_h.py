@@ -5,11 +5,13 @@ Paper: Table 1, ViT-H (MAE): baseline 86.88% / 167.4 GFLOPs / 299 img/s; MaMe
 
     mame-jax eval --config configs/mae_h.py
     mame-jax eval --config configs/mae_h.py:batch_size=512,dtype=bfloat16 --limit 5000
+    mame-jax eval --config configs/mae_h.py --config.merge.tau='(0.7,0.9)' --limit 5000
     mame-jax calibrate --config configs/mae_h.py --target-speedup 2 --limit 10000
 
 Rows: baseline, MaMe (tau = 0.8, first 8 blocks) and ToMe (r = 7); the
 rows, the data, the GFLOPs convention and ``arg`` are described in
-``configs/common.py``.
+``configs/common.py`` (``table1_config``); ``--config.a.b=value`` sets any other
+field, and the short flags (``--limit``, ``--tau``, ...) win over both.
 
 Checkpoint: the *fine-tuned* MAE ViT-H/14 classifier the paper evaluates, from
 the MAE release (``mae_finetuned_vit_huge.pth``). It is a PyTorch ``.pth``:
@@ -21,10 +23,11 @@ a classifier head: it cannot give Table 1's accuracy. Downloaded once into
 file instead.
 """
 
-from mame_jax.configs.common import table1_config
+from mame_jax.configs import common
 
-CHECKPOINT = "https://dl.fbaipublicfiles.com/mae/finetune/mae_finetuned_vit_huge.pth"
+# A name mame_jax.models.load knows: its URL (and checksum) live in one table there.
+CHECKPOINT = "mae_h"
 
 
 def get_config(arg=None):
-  return table1_config(arg, checkpoint=CHECKPOINT, preprocess="timm", tome_r=7)
+  return common.table1_config(arg, checkpoint=CHECKPOINT, preprocess="timm", tome_r=7)

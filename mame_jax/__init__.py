@@ -1,6 +1,7 @@
 """mame-jax: MaMe (matrix-based token merging) and MaRe (restoration) in JAX."""
 
-from mame_jax.models.checkpoints import load_model, load_params
+from mame_jax.models.checkpoints import load_params
+from mame_jax.models.load import load_model
 from mame_jax.merge import MergeInfo, fusion_weights, mame, similarity_matrix
 from mame_jax.models.merging import MergeConfig, ToMeConfig
 from mame_jax.restore import mare

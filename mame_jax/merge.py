@@ -94,7 +94,7 @@ def is_traced(*values) -> bool:
 # never deep inside jax.
 
 
-def _check_tokens(x, name="x") -> tuple[int, int, int]:
+def check_tokens(x, name="x") -> tuple[int, int, int]:
   if not hasattr(x, "shape") or not hasattr(x, "dtype"):
     raise TypeError(f"{name} must be an array of shape (B, L, D); got {type(x).__name__}")
   if x.ndim != 3:
@@ -139,7 +139,7 @@ def _check_mask(token_mask, b, l):
 def check_merge_args(x, tau, num_special, eps, capacity, token_mask, partition,
                      similarity, key, metric):
   """Validates ``mame``'s arguments; returns ``(B, L, D)``."""
-  b, l, _ = _check_tokens(x)
+  b, l, _ = check_tokens(x)
   _check_tau(tau)
   _check_int(num_special, "num_special", 0, max(l - 2, 0),
              f" (at least two mergeable tokens must remain of L = {l})")
@@ -158,7 +158,7 @@ def check_merge_args(x, tau, num_special, eps, capacity, token_mask, partition,
   if similarity not in SIMILARITIES:
     raise ValueError(f"similarity must be one of {SIMILARITIES}; got {similarity!r}")
   if metric is not None:
-    mb, ml, _ = _check_tokens(metric, "metric")
+    mb, ml, _ = check_tokens(metric, "metric")
     if (mb, ml) != (b, l):
       raise ValueError(f"metric must have shape (B, L, Dm) with (B, L) = {(b, l)}; "
                        f"got {tuple(metric.shape)}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mame_jax.merge import MergeInfo, _check_tokens, compute_dtype
+from mame_jax.merge import MergeInfo, check_tokens, compute_dtype
 
 
 def mare(y, info: MergeInfo) -> jax.Array:
@@ -35,7 +35,7 @@ def mare(y, info: MergeInfo) -> jax.Array:
     (B, L, D) in ``y.dtype``, every token back at its original position;
     padded input positions are zero.
   """
-  _check_tokens(y, "y")
+  check_tokens(y, "y")
   if not isinstance(info, MergeInfo):
     raise TypeError(f"info must be the MergeInfo returned by mame; got {type(info).__name__}")
   if tuple(y.shape[:2]) != tuple(info.token_mask.shape):

@@ -1,4 +1,4 @@
-"""Buckets and compilation counting (DESIGN §3)."""
+"""Buckets and compilation counting (docs/design.md, §3 Static shapes)."""
 
 import jax
 import jax.numpy as jnp

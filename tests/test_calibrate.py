@@ -112,6 +112,8 @@ def test_per_layer_taus_meet_the_target_and_run_like_any_merge_config(crafted):
                          per_layer=True)
   assert result.met and result.speedup >= target
   assert isinstance(result.tau, tuple) and len(result.tau) == 2
+  assert type(result.merge) is mj.MergeConfig
+  assert result.merge == cal.layerwise(mj.MergeConfig(layers=(0, 1)), result.tau)
   runner = mj.Runner(model.clone(merge=result.merge), params)
   _, aux = runner(x)
   np.testing.assert_allclose(np.asarray(aux["tokens_per_block"]).mean(0),
@@ -127,13 +129,18 @@ def test_an_unreachable_target_is_a_clear_error(crafted):
 
 
 def test_layerwise_config_drops_layers_that_merge_nothing():
-  base = mj.MergeConfig(layers=(0, 1, 2))
+  base = mj.MergeConfig(layers=(0, 1, 2), metric="keys", capacities=(4, 4, 4))
   cfg = cal.layerwise(base, [0.5, 1.0, 0.7])
-  assert isinstance(cfg, cal.LayerwiseMergeConfig)
-  assert cfg.layers == (0, 2) and cfg.taus == (0.5, 0.7)
-  assert cal.layerwise(base, [0.6] * 3) == mj.MergeConfig(tau=0.6, layers=(0, 1, 2))
+  assert type(cfg) is mj.MergeConfig  # a plain config: one tau per remaining layer
+  assert cfg.layers == (0, 2) and cfg.tau == (0.5, 0.7) and cfg.tau_of(2) == 0.7
+  assert cfg.metric == "keys" and cfg.capacities is None  # other options kept
+  assert (cal.layerwise(mj.MergeConfig(layers=(0, 1, 2)), [0.6] * 3)
+          == mj.MergeConfig(tau=0.6, layers=(0, 1, 2)))
+  assert not cal.layerwise(base, [1.0, 1.0, 1.0]).active  # nothing left to merge
   with pytest.raises(ValueError, match="one tau per merge layer"):
-    cal.LayerwiseMergeConfig(layers=(0, 1), taus=(0.5,))
+    cal.layerwise(base, [0.5])
+  with pytest.raises(ValueError, match="MergeConfig.tau needs one tau per merge layer"):
+    mj.MergeConfig(layers=(0, 1), tau=(0.5,))
 
 
 def test_cli_calibrates_on_the_first_images_and_evaluates_the_rest(crafted, tmp_path, capsys):

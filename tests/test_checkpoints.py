@@ -336,3 +336,40 @@ def test_pth_without_torch_says_how_to_convert(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
   with pytest.raises(ImportError, match=r"deit\.pth.*needs torch.*safetensors"):
     checkpoints.load_model(tmp_path / "deit.pth")
+
+
+@pytest.mark.parametrize("protocol", [2, 4])  # GLOBAL (torch.save's) and STACK_GLOBAL
+@pytest.mark.parametrize("layout", ["zip", "legacy"])
+def test_pth_with_more_than_tensors_is_not_a_safe_checkpoint(tmp_path, monkeypatch, protocol,
+                                                             layout):
+  # A training script's checkpoint: the state dict next to its argparse args. The
+  # pickle is only written here (pickle.dumps), never loaded, by the test or the
+  # library; the message is the same with and without torch installed.
+  import argparse
+  import pickle
+  payload = pickle.dumps({"model": {}, "args": argparse.Namespace(lr=0.1)}, protocol=protocol)
+  path = tmp_path / "mae_pretrain.pth"
+  if layout == "zip":
+    with zipfile.ZipFile(path, "w") as z:
+      z.writestr("archive/data.pkl", payload)
+  else:  # the pre-1.6 layout: consecutive pickles (magic, protocol, sys info, object)
+    path.write_bytes(b"".join(pickle.dumps(v, protocol=2) for v in (0x1950a86a20f9469cfc6c, 1001,
+                                                                   {"little_endian": True}))
+                     + payload)
+  monkeypatch.setitem(sys.modules, "torch", None)  # torch is never needed to say so
+  with pytest.raises(ValueError, match=r"mae_pretrain\.pth is not a safe checkpoint: its pickle "
+                     r"imports argparse\.Namespace.*weights_only=True.*safetensors"
+                     r".*mame-jax convert"):
+    checkpoints.load_model(path)
+
+
+def test_pickle_scan_reads_torch_globals_without_importing_them():
+  import io
+  import pickletools
+  # GLOBAL 'torch._utils _rebuild_tensor_v2', GLOBAL 'collections OrderedDict',
+  # GLOBAL 'os system': opcodes written by hand, as torch.save's protocol 2 does.
+  data = (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nq\x00ccollections\nOrderedDict\nq\x01"
+          b"cos\nsystem\nq\x02\x87q\x03.")
+  pickletools.dis(data, out=io.StringIO())  # well-formed
+  assert checkpoints._pickle_globals(io.BytesIO(data)) == [
+      ("torch._utils", "_rebuild_tensor_v2"), ("collections", "OrderedDict"), ("os", "system")]

@@ -138,19 +138,6 @@ def test_photos_are_the_skimage_photographs_unlabelled():
   assert data.to_rgb_uint8(image).shape == (512, 512, 3)
 
 
-def test_cached_download_fetches_a_file_url_once_into_the_cache_dir(tmp_path, monkeypatch):
-  src = tmp_path / "weights.npz"
-  src.write_bytes(b"abc")
-  monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
-  path = data.cached_download(src.as_uri(), quiet=True)
-  assert os.path.dirname(path) == str(tmp_path / "cache") and path.endswith("-weights.npz")
-  assert open(path, "rb").read() == b"abc"
-  src.write_bytes(b"changed")
-  assert data.cached_download(src.as_uri(), quiet=True) == path
-  assert open(path, "rb").read() == b"abc"  # cached: not fetched again
-  assert data.cached_download(str(src)) == str(src)  # a plain path stays as it is
-
-
 # ----------------------------------------------------------------------------
 # Batches
 

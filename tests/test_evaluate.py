@@ -18,9 +18,10 @@ from PIL import Image
 import mame_jax as mj
 from mame_jax.cli import eval as eval_cli
 from mame_jax.cli import flags
+from mame_jax.configs import common
 from mame_jax.eval import data, loop, report, timing
 from mame_jax.models.merging import parse_layers
-from mame_jax.models import checkpoints
+from mame_jax.models import checkpoints, load
 
 TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8)
 SIZE = 64
@@ -82,6 +83,24 @@ def programs(run):
           "mame": jax.jit(lambda p, x: model.clone(merge=cfg).apply({"params": p}, x))}
 
 
+def _lean(model, cfg=None):
+  """What the table times and counts: the forward returning only the logits, the
+  tokens per block and, for MaMe, each merge layer's counts -- written here
+  independently of the runner."""
+
+  def forward(p, x):
+    logits, aux = model.clone(merge=cfg).apply({"params": p}, x)
+    out = {"tokens_per_block": aux["tokens_per_block"]}
+    if cfg is not None:
+      infos = [mj.models.merging.merge_records(aux)[l]["info"] for l in cfg.layers]
+      out["num_preserved"] = jnp.stack([i.num_preserved for i in infos])
+      out["overflow"] = jnp.stack([i.overflow for i in infos])
+      out["dropped"] = jnp.stack([i.dropped for i in infos], axis=1)
+    return logits, out
+
+  return jax.jit(forward)
+
+
 def test_table_figures_agree_with_a_direct_computation_on_the_same_batches(run, programs,
                                                                           folder):
   model, params, result, _ = run
@@ -109,8 +128,11 @@ def test_table_figures_agree_with_a_direct_computation_on_the_same_batches(run, 
     assert rows[name]["top1"] == pytest.approx(100 * correct[name] / n)
     np.testing.assert_allclose(rows[name]["tokens_per_layer"], tokens[name] / n)
     np.testing.assert_array_equal(result["predictions"][label], np.concatenate(preds[name]))
+  cfg = mj.MergeConfig(tau=0.5, layers=(0, 1),
+                       capacities=tuple(rows["mame"]["capacities"]))
+  for name, lean in (("baseline", _lean(model)), ("mame", _lean(model, cfg))):
     assert rows[name]["gflops_per_image"] == pytest.approx(
-        timing.gflops(programs[name], params, jnp.asarray(first)) / 4, rel=1e-6)
+        timing.gflops(lean, params, jnp.asarray(first)) / 4, rel=1e-6)
   assert rows["baseline"]["tokens_per_layer"] == [65.0, 65.0]
   assert rows["tome"]["tokens_per_layer"] == [61.0, 57.0]  # r = 4 per block
   assert rows["mame"]["mean_tokens_per_layer"] < 65
@@ -181,7 +203,7 @@ def test_imagenette_is_scored_against_imagenet_indices():
 SHARDED = textwrap.dedent("""
     import json, sys
     from mame_jax.eval import loop
-    from mame_jax.models import checkpoints
+    from mame_jax.models import checkpoints, load
     model, params = checkpoints.load_model(sys.argv[1])
     out = {}
     for n in (4, 1):
@@ -243,18 +265,18 @@ def test_cli_without_a_checkpoint_is_a_clear_error(capsys):
 
 
 CONFIG = """
-import ml_collections
+from mame_jax.configs import common
 
 def get_config(arg=None):
-  c = ml_collections.ConfigDict()
-  c.checkpoint = {ckpt!r}
-  c.data = {data!r}
-  c.tau = [0.5, 0.7]
-  c.tome_r = [3]
-  c.merge_layers = "0-1"
-  c.batch_size = 4
-  c.limit = 6 if arg == "small" else None
-  c.preprocess = "timm"
+  c = common.eval_config()
+  c.model.checkpoint = {ckpt!r}
+  c.model.preprocess = "timm"
+  c.input.data = {data!r}
+  c.input.batch_size = 4
+  c.input.limit = 6 if arg == "small" else None
+  c.merge.tau = (0.5, 0.7)
+  c.merge.tome_r = (3,)
+  c.merge.layers = "0-1"
   return c
 """
 
@@ -277,33 +299,60 @@ def test_a_config_file_and_the_equivalent_flags_give_the_same_run(ckpt, folder, 
            ["--checkpoint", ckpt, "--data", folder, "--tau", "0.5", "0.7", "--tome-r", "3",
             "--merge-layers", "0-1", "--batch-size", "4", "--limit", "6", "--preprocess",
             "timm"],
-           ["--config", f"{config}:small", "--batch-size", "2"]]
+           ["--config", f"{config}:small", "--batch-size", "2"],
+           ["--config", f"{config}:small", "--config.input.batch_size=2"]]
   for argv in argvs:
     with pytest.raises(Captured):
       eval_cli.cli_main(argv)
-  (m1, p1, d1, k1), (m2, p2, d2, k2), (_, _, _, k3) = calls
+  (m1, p1, d1, k1), (m2, p2, d2, k2), (_, _, _, k3), (_, _, _, k4) = calls
   assert m1 == m2 and d1 == d2 == folder and k1 == k2
   jax.tree.map(np.testing.assert_array_equal, p1, p2)
   assert k1["taus"] == [0.5, 0.7] and k1["tome_r"] == [3] and k1["limit"] == 6
   assert k3 == {**k1, "batch_size": 2}  # the command line wins over the config
+  assert k4 == k3                       # ... and so does a --config.a.b override
 
 
 @pytest.mark.parametrize("name", ["deit_s", "deit_b", "mae_b", "mae_l", "mae_h", "augreg_b16"])
-def test_every_paper_config_is_a_valid_set_of_flags_with_its_command(name):
+def test_every_paper_config_is_a_valid_config_of_its_command(name):
   path = os.path.join(REPO, "configs", f"{name}.py")
-  config = flags.load_config(path)
-  assert set(config) <= set(flags.DEFAULTS)
-  assert data.is_url(config["checkpoint"])
-  assert config["tau"] == [0.8] and parse_layers(config["merge_layers"]) == tuple(
-      range(8))
+  config = flags.load_config_file(path)
+  defaults = common.eval_config()
+  defaults.lock()
+  flags.merge_into(defaults, config, path)  # every field is one of eval's
+  # Checkpoints are named by the table in models/load.py, which holds their URLs.
+  assert load.is_url(load.KNOWN[config.model.checkpoint].url)
+  assert config.merge.tau == (0.8,) and parse_layers(config.merge.layers) == tuple(range(8))
   doc = open(path).read()
   assert f"mame-jax eval --config configs/{name}.py" in doc
   assert ("Table 1" in doc) or ("Figure" in doc)
-  small = flags.load_config(f"{path}:batch_size=64,tome_r=0,dtype=bfloat16")
-  assert (small["batch_size"], small["tome_r"], small["dtype"]) == (64, [], "bfloat16")
+  small = flags.load_config_file(f"{path}:batch_size=64,tome_r=0,dtype=bfloat16")
+  assert (small.input.batch_size, small.merge.tome_r, small.model.dtype) == (64, (), "bfloat16")
 
 
 def test_layer_specs_parse_ranges_and_lists():
   assert parse_layers("0-7") == tuple(range(8))
   assert parse_layers("0,2,4-6") == (0, 2, 4, 5, 6)
   assert parse_layers([1, 3]) == (1, 3) and parse_layers(None) is None
+
+
+def test_rows_are_timed_interleaved_on_the_first_batch(ckpt, folder, monkeypatch):
+  # Every method's lean program goes into one time_interleaved call, on the same
+  # batch; a fake clock makes the figures exact.
+  seen = {}
+  real = timing.time_interleaved
+
+  def spy(fns, *, rounds, warmup):
+    seen.update(fns=fns, rounds=rounds, warmup=warmup)
+    ticks = iter(range(10_000))
+    return real(fns, rounds=rounds, warmup=warmup, clock=lambda: 0.5 * next(ticks))
+  monkeypatch.setattr(timing, "time_interleaved", spy)
+  model, params = checkpoints.load_model(ckpt)
+  result = loop.evaluate(model, params, folder, taus=[0.5], tome_r=[4], merge_layers="0-1",
+                         batch_size=4, limit=8, runs=3, warmup=1, progress=False,
+                         stream=io.StringIO())
+  assert seen["rounds"] == 3 and seen["warmup"] == 1 and len(seen["fns"]) == 3
+  firsts = {id(args[1]) for _, args in seen["fns"].values()}
+  assert len(firsts) == 1  # one batch for every method
+  for row in result["rows"]:
+    assert row["median_s"] == 0.5 and row["iqr_s"] == 0.0
+    assert row["images_per_s"] == pytest.approx(4 / 0.5)

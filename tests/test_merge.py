@@ -1,4 +1,5 @@
-"""MaMe (mame_jax.merge): the specification of DESIGN §1 and §3."""
+"""MaMe (mame_jax.merge): the specification of docs/design.md, §1 MaMe and §3
+Static shapes."""
 
 import jax
 import jax.numpy as jnp

@@ -42,10 +42,12 @@ def test_tau_of_one_gives_exactly_the_plain_model(setup):
   np.testing.assert_array_equal(np.asarray(aux["tokens_per_block"]), 65)
 
 
-@pytest.mark.parametrize("metric", ["tokens", "keys"])
-def test_merge_in_the_block_equals_mame_by_hand_between_attention_and_mlp(setup, metric):
+@pytest.mark.parametrize("metric,tau", [("tokens", 0.3), ("keys", 0.3), ("tokens", (0.3, 0.6))])
+def test_merge_in_the_block_equals_mame_by_hand_between_attention_and_mlp(setup, metric, tau):
+  # tau=(0.3, 0.6): one threshold per merge layer, block 0 at 0.3, block 2 at 0.6.
   x, models, params = setup
-  cfg = mj.MergeConfig(tau=0.3, layers=(0, 2), metric=metric)
+  cfg = mj.MergeConfig(tau=tau, layers=(0, 2), metric=metric)
+  layer_tau = dict(zip(cfg.layers, tau if isinstance(tau, tuple) else (tau, tau)))
   _, aux = models["tok"].clone(merge=cfg).apply({"params": params["tok"]}, x)
   mask = None
   for layer in range(4):
@@ -57,8 +59,8 @@ def test_merge_in_the_block_equals_mame_by_hand_between_attention_and_mlp(setup,
       continue
     keys = _block_keys(models["tok"], params["tok"], aux, layer) if metric == "keys" else None
     length = after_attention.shape[1]
-    want, info = mj.mame(after_attention, 0.3, num_special=1, token_mask=mask, metric=keys,
-                         capacity=(length - 1 + 1) // 2)  # the full capacity N
+    want, info = mj.mame(after_attention, layer_tau[layer], num_special=1, token_mask=mask,
+                         metric=keys, capacity=(length - 1 + 1) // 2)  # the full capacity N
     np.testing.assert_allclose(np.asarray(fed_to_mlp), np.asarray(want), atol=2e-5)
     np.testing.assert_array_equal(np.asarray(block["merge"]["info"].token_mask),
                                   np.asarray(info.token_mask))
@@ -113,7 +115,35 @@ def test_exact_mode_schedule_uses_buckets_and_shortens_the_sequence(setup):
   caps = aux["capacities"]
   assert all(c % 16 == 0 or c == n for c, n in zip(caps, (32, 16 + caps[0] // 2 + 1)))
   assert all(int(r) <= c for r, c in zip(aux["num_preserved"], caps))
-  assert aux["encoded"].shape[1] < 65
+  assert "encoded" not in aux  # the lean program returns the summary only
+  _, full = runner.full(x)
+  assert full["encoded"].shape[1] < 65
+  assert runner.reruns == 0 or full["capacities"] == caps
+
+
+def test_lean_forward_gives_the_full_forwards_logits_and_counts(setup):
+  x, models, params = setup
+  for cfg in (mj.MergeConfig(tau=0.6, layers=(0, 1)),
+              mj.MergeConfig(tau=0.6, layers=(0, 2), mode="fixed", capacities=(4, 0)),
+              mj.ToMeConfig(r=6), None):
+    model = models["tok"].clone(merge=cfg)
+    y, lean = mj.Runner(model, params["tok"])(x)
+    y_full, full = mj.Runner(model, params["tok"], records=True)(x)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_full))
+    assert "block00" not in lean and "block00" in full
+    for key in ("tokens_per_block", "num_preserved", "overflow", "dropped", "capacities"):
+      assert (key in lean) == (key in full), key
+      if key in lean:
+        np.testing.assert_array_equal(np.asarray(lean[key]), np.asarray(full[key]))
+    if isinstance(cfg, mj.MergeConfig):
+      assert lean["dropped"].shape == (x.shape[0], len(cfg.layers))
+      assert lean["num_preserved"].shape == lean["overflow"].shape == (len(cfg.layers),)
+      # The program keeps no merge record: no (B, M, N) fusion matrix among its outputs.
+      runner = mj.Runner(model, params["tok"])
+      runner(x)
+      program = runner.program(runner.schedule if runner.exact else None, x.shape)
+      shapes = jax.eval_shape(program, params["tok"], x)[1]
+      assert sorted(shapes) == ["dropped", "num_preserved", "overflow", "tokens_per_block"]
 
 
 def test_fixed_mode_counts_dropped_tokens(setup):
@@ -135,7 +165,8 @@ def test_tome_with_r_zero_is_the_plain_model_and_r_removes_r_tokens(setup):
   np.testing.assert_array_equal(np.asarray(aux["tokens_per_block"][0]), [59, 53, 47, 41])
   assert not np.allclose(np.asarray(y), np.asarray(plain), atol=1e-4)
   _, aux_np = mj.Runner(models["tok"].clone(merge=mj.ToMeConfig(r=6, prop_attn=False)),
-                        params["tok"])(x)
+                        params["tok"]).full(x)
+  _, aux = mj.Runner(models["tok"].clone(merge=mj.ToMeConfig(r=6)), params["tok"]).full(x)
   assert not np.allclose(np.asarray(aux["block01"]["sa"]), np.asarray(aux_np["block01"]["sa"]))
 
 
@@ -168,8 +199,65 @@ def test_merge_is_differentiable_inside_the_model(setup):
   assert any(float(jnp.abs(l).sum()) > 0 for l in leaves)
 
 
+def test_per_layer_tau_is_each_layers_single_tau(setup):
+  # A layer's output depends only on its own tau: with tau=(0.3, 0.6) on blocks
+  # (0, 1), block 0 behaves as under tau=0.3 everywhere, and block 1 -- fed the
+  # same input -- as under tau=0.6 everywhere.
+  x, models, params = setup
+  run = lambda cfg: models["tok"].clone(merge=cfg).apply({"params": params["tok"]}, x)[1]
+  both = run(mj.MergeConfig(tau=(0.3, 0.6), layers=(0, 1), mode="fixed", capacities=(None, None)))
+  low = run(mj.MergeConfig(tau=0.3, layers=(0, 1), mode="fixed", capacities=(None, None)))
+  np.testing.assert_array_equal(np.asarray(both["block00"]["+mlp"]), np.asarray(low["block00"]["+mlp"]))
+  inp = both["block01"]["+sa"]
+  want, info = mj.mame(inp, 0.6, num_special=1, token_mask=both["block00"]["merge"]["info"].token_mask,
+                       capacity=(inp.shape[1] - 1 + 1) // 2)
+  got = both["block01"]["merge"]["info"]
+  np.testing.assert_array_equal(np.asarray(got.token_mask), np.asarray(info.token_mask))
+  np.testing.assert_allclose(np.asarray(both["block01"]["+mlp"] - both["block01"]["mlp"]),
+                             np.asarray(want), atol=2e-5)
+  # The exact runner drives it like any config: same tokens as the full capacities.
+  _, aux = mj.Runner(models["tok"].clone(merge=mj.MergeConfig(tau=(0.3, 0.6), layers=(0, 1))),
+                     params["tok"])(x)
+  np.testing.assert_array_equal(np.asarray(aux["tokens_per_block"]),
+                                np.asarray(both["tokens_per_block"]))
+  assert not aux["overflow"].any()
+
+
+def test_per_layer_tau_may_be_traced_and_is_read_with_tau_of(setup):
+  x, models, params = setup
+  cfg = mj.MergeConfig(tau=(0.3, 0.6), layers=(0, 2), mode="fixed", capacities=(None, None))
+  assert cfg.per_layer and cfg.tau_of(0) == 0.3 and cfg.tau_of(2) == 0.6
+  with pytest.raises(ValueError, match="layer 1 is not a merge layer"):
+    cfg.tau_of(1)
+  assert mj.MergeConfig(tau=0.5, layers=(0, 2)).tau_of(2) == 0.5
+
+  @jax.jit
+  def tokens(taus):  # one program for every pair of thresholds
+    traced = cfg.replace(tau=(taus[0], taus[1]))
+    return models["tok"].clone(merge=traced).apply({"params": params["tok"]}, x)[1]["tokens_per_block"]
+  want = models["tok"].clone(merge=cfg).apply({"params": params["tok"]}, x)[1]["tokens_per_block"]
+  np.testing.assert_array_equal(np.asarray(tokens(jnp.array([0.3, 0.6]))), np.asarray(want))
+  # Nothing merges when every layer's tau is >= 1 (cosine): the plain model.
+  assert not mj.MergeConfig(tau=(1.0, 1.5), layers=(0, 2)).active
+  assert mj.MergeConfig(tau=(1.0, 0.5), layers=(0, 2)).active
+  assert mj.MergeConfig(tau=[0.5, 0.7], layers=(0, 2)).tau == (0.5, 0.7)  # lists and arrays
+  assert mj.MergeConfig(tau=np.array([0.5, 0.75]), layers=(0, 2)).tau == (0.5, 0.75)
+
+
+def test_describe_merge_names_per_layer_taus():
+  from mame_jax.eval import methods
+  m = methods.describe_merge(mj.MergeConfig(tau=(0.5, 0.7), layers=(0, 1)))
+  assert m.name == "MaMe(tau=0.5,0.7)" and m.tau == [0.5, 0.7] and m.kind == "mame"
+  assert methods.describe_merge(mj.MergeConfig(tau=0.8)).tau == 0.8
+
+
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(tau=float("inf")), "tau must be a finite"),
+    (dict(tau=float("inf")), "MergeConfig.tau must be a finite"),
+    (dict(tau="0.5"), "MergeConfig.tau must be a finite"),
+    (dict(tau=True), "MergeConfig.tau must be a finite"),
+    (dict(tau=(0.5, 0.7), layers=(0, 1, 2)), r"MergeConfig.tau needs one tau per merge layer .*got 2"),
+    (dict(tau=(0.5, float("nan")), layers=(0, 1)), r"MergeConfig.tau\[1\] must be a finite"),
+    (dict(tau=np.zeros((2, 2)), layers=(0, 1)), "MergeConfig.tau must be a finite"),
     (dict(layers=(0, 1), capacities=(4,)), "one entry per merge layer"),
     (dict(capacities=(-1,) * 8), "capacities must be >= 0"),
     (dict(mode="approximate"), "mode must be one of"),

@@ -1,4 +1,4 @@
-"""MaRe (mame_jax.restore): DESIGN §2, Algorithm 2, eqs. (11)-(13)."""
+"""MaRe (mame_jax.restore): docs/design.md, §2 MaRe; Algorithm 2, eqs. (11)-(13)."""
 
 import jax
 import jax.numpy as jnp
@@ -79,3 +79,34 @@ def test_bad_input_gets_a_clear_error():
     mare(jnp.ones((y.shape[1], 4)), info)
   with pytest.raises(TypeError, match="MergeInfo"):
     mare(y, {"fusion": info.fusion})
+
+
+def test_generation_block_of_eqs_17_18_keeps_the_token_count():
+  # x' = x + MaRe(MSA(MaMe(LN(x)))), x = x' + MLP(LN(x')) (docs/design.md, §4
+  # Placement): attention runs on the merged tokens, MaRe brings its output back.
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(ref.clustered_tokens(rng, 2, 17, 8), jnp.float32)
+  wq, wk, wv, w1, w2 = (jnp.asarray(rng.normal(size=(8, 8)) / 3, jnp.float32) for _ in range(5))
+
+  def ln(v):
+    return (v - v.mean(-1, keepdims=True)) / jnp.sqrt(v.var(-1, keepdims=True) + 1e-6)
+
+  def msa(v, mask):  # one head; padded keys masked
+    logits = jnp.einsum("bqd,bkd->bqk", v @ wq, v @ wk) / jnp.sqrt(8.0)
+    logits = jnp.where(mask[:, None, :], logits, -1e30)
+    return jax.nn.softmax(logits, -1) @ (v @ wv)
+
+  def block(x, tau, merge=True):
+    h = ln(x)
+    if merge:
+      y, info = mame(h, tau, num_special=1, capacity=8)  # (B, 1 + 8 + 8, D)
+      x = x + mare(msa(y, info.token_mask), info)
+    else:
+      x = x + msa(h, jnp.ones(h.shape[:2], bool))
+    return x + jax.nn.gelu(ln(x) @ w1) @ w2
+
+  out = jax.jit(block, static_argnums=2)(x, 0.5)
+  assert out.shape == x.shape and np.isfinite(np.asarray(out)).all()
+  # tau >= 1 merges nothing: the block is the plain one.
+  np.testing.assert_allclose(np.asarray(jax.jit(block, static_argnums=2)(x, 1.0)),
+                             np.asarray(block(x, 1.0, merge=False)), atol=1e-5)

@@ -1,4 +1,6 @@
-"""The benchmark timer and FLOP counter (DESIGN §6). No assertion on wall-clock values."""
+"""The benchmark timer and FLOP counter (docs/design.md, §6 Measuring speed).
+
+No assertion on wall-clock values."""
 
 import math
 import statistics
@@ -119,3 +121,55 @@ def test_device_description_and_today():
   assert jax.__version__ in timing.device_description()
   assert jax.devices()[0].platform in timing.device_description()
   assert len(timing.today()) == 10 and timing.today()[4] == "-"
+
+
+class FakeClock:
+  """A clock that advances only when a fake method runs: ``fn(name)`` returns a
+  function taking its (programmed) durations in turn, and logs the call order."""
+
+  def __init__(self):
+    self.now, self.log = 0.0, []
+
+  def __call__(self):
+    return self.now
+
+  def fn(self, name, durations):
+    durations = iter(durations)
+
+    def run(x):
+      self.log.append(name)
+      self.now += next(durations)
+      return x
+    return run
+
+
+def test_time_interleaved_compiles_each_first_then_runs_rounds_in_turn():
+  clock = FakeClock()
+  # First value: the compiling call; then 1 warm-up; then 5 timed rounds.
+  a = clock.fn("A", [10.0, 9.0, 1.0, 5.0, 2.0, 4.0, 3.0])
+  b = clock.fn("B", [20.0, 9.0, 7.0, 6.0, 8.0, 6.5, 100.0])
+  c = clock.fn("C", [30.0, 9.0, 0.5, 0.5, 0.5, 0.5, 0.5])
+  x = jnp.ones(2)
+  t = timing.time_interleaved({"A": (a, (x,)), "B": (b, (x,)), "C": (c, [x])},
+                              rounds=5, warmup=1, clock=clock)
+  assert clock.log == ["A", "B", "C"] + ["A", "B", "C"] * 6
+  assert list(t) == ["A", "B", "C"]
+  assert [t[n].compile_s for n in "ABC"] == [10.0, 20.0, 30.0]
+  assert t["A"].runs_s == (1.0, 5.0, 2.0, 4.0, 3.0)
+  assert t["A"].median_s == 3.0 and t["A"].min_s == 1.0 and t["A"].max_s == 5.0
+  assert t["A"].iqr_s == 2.0  # quartiles 2 and 4
+  assert t["B"].median_s == 7.0 and t["B"].max_s == 100.0  # one odd call moves no median
+  assert t["C"].median_s == 0.5 and t["C"].iqr_s == 0.0
+  assert t["A"].warmup == 1 and t["A"].to_dict()["iqr_s"] == 2.0
+
+
+def test_time_interleaved_checks_its_arguments_and_times_real_calls():
+  f = jax.jit(jnp.sin)
+  with pytest.raises(ValueError, match="rounds"):
+    timing.time_interleaved({"f": (f, (jnp.ones(2),))}, rounds=0)
+  with pytest.raises(ValueError, match="warmup"):
+    timing.time_interleaved({"f": (f, (jnp.ones(2),))}, warmup=-1)
+  t = timing.time_interleaved({"f": (f, (jnp.ones(2),)), "g": (jax.jit(jnp.cos), (jnp.ones(2),))},
+                              rounds=3, warmup=0)
+  assert len(t["f"].runs_s) == len(t["g"].runs_s) == 3
+  assert all(s >= 0 for s in t["g"].runs_s)

@@ -173,3 +173,17 @@ def test_merge_maps_run_each_image_alone():
   alone, _ = pictures.merge_maps(model, params, images[1:], cfg)
   np.testing.assert_array_equal(np.asarray(maps[0].hard[1]), np.asarray(alone[0].hard[0]))
   assert aux["tokens_per_block"].shape == (2, 1)
+
+
+def test_matched_tome_removes_about_as_many_tokens_as_mame(tiny):
+  # ToMe's r is clipped per block to half the tokens: the match simulates the clip,
+  # so the ToMe row ends as close to MaMe's count as any r can bring it.
+  model, params = tiny
+  images = np.stack([data.load_image(n, 64) for n in ("astronaut", "coffee")])
+  _, counts = pictures.draw(model, params, images, tau=0.5, layers=(0, 1), tome_r="match")
+  (_, mame), (label, tome) = counts.items()
+  r = int(label.split("r=")[1])
+  target = mame[:, 1].mean()
+  assert tome[:, 1].tolist() == [pictures.tome_token_counts(17, r, 2)[-1]] * 2
+  assert abs(tome[0, 1] - target) == min(
+      abs(pictures.tome_token_counts(17, q, 2)[-1] - target) for q in range(18))

@@ -7,14 +7,39 @@ import sys
 from typing import Optional, Sequence
 
 from mame_jax.cli import flags as flags_lib
+from mame_jax.configs import common
 from mame_jax.eval import calibrate as calibrate_lib
 from mame_jax.eval import data as data_lib
 from mame_jax.eval import report
 from mame_jax.models.merging import parse_layers
 from mame_jax.models.vit import image_size_of
 
-DEFAULTS = {**flags_lib.DEFAULTS, "tau": [], "target_speedup": None, "target_gflops": None,
-            "per_layer": False, "calib_images": 256, "calib_data": None, "tol": 1e-3}
+
+def parse(argv: Optional[Sequence[str]] = None):
+  """``mame-jax calibrate`` arguments -> the resolved config
+  (``common.calibrate_config`` < ``--config`` < ``--config.a.b=v`` < short
+  flags); exits 2 on a bad one."""
+  parser = argparse.ArgumentParser(prog="mame-jax calibrate",
+                                   description=calibrate_lib.__doc__.split("\n\n")[0],
+                                   argument_default=argparse.SUPPRESS)
+  shorthands = flags_lib.add_common_flags(parser, ("auto",) + data_lib.PREPROCESS)
+  parser.add_argument("--target-speedup", type=float,
+                      help="calibrate.target_speedup: ideal speedup to reach")
+  parser.add_argument("--target-gflops", type=float,
+                      help="calibrate.target_gflops: GFLOPs per image (XLA units)")
+  parser.add_argument("--per-layer", action="store_true",
+                      help="calibrate.per_layer: one tau per merge layer")
+  parser.add_argument("--calib-images", type=int,
+                      help="calibrate.calib_images: calibration images (default 256)")
+  parser.add_argument("--calib-data",
+                      help="calibrate.calib_data: calibration data (default: --data)")
+  parser.add_argument("--tol", type=float, help="calibrate.tol: bisection tolerance on tau")
+  for name in ("target_speedup", "target_gflops", "per_layer", "calib_images", "calib_data",
+               "tol"):
+    shorthands[name] = "calibrate." + name
+  config, _ = flags_lib.resolve("mame-jax calibrate", parser, argv,
+                                common.calibrate_config(), shorthands)
+  return config
 
 
 def cli_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -24,49 +49,39 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
   (default: ``--data``) and evaluates the baseline and the calibrated MaMe
   (plus ``--tau`` / ``--tome-r`` rows, if given) on held-out data: the images
   of ``--data`` after the calibration ones (all of them when the calibration
-  data are another dataset), at most ``--limit``.
+  data are another dataset), at most ``--limit``. Every flag is a shorthand
+  of a config field (``mame_jax.configs.common.calibrate_config``).
   """
-  parser = argparse.ArgumentParser(prog="mame-jax calibrate",
-                                   description=calibrate_lib.__doc__.split("\n\n")[0],
-                                   argument_default=argparse.SUPPRESS)
-  flags_lib.add_common_flags(parser)
-  parser.add_argument("--target-speedup", type=float, help="ideal speedup to reach")
-  parser.add_argument("--target-gflops", type=float, help="GFLOPs per image (XLA units)")
-  parser.add_argument("--per-layer", action="store_true", help="one tau per merge layer")
-  parser.add_argument("--calib-images", type=int, help="calibration images (default 256)")
-  parser.add_argument("--calib-data", help="calibration data (default: --data)")
-  parser.add_argument("--tol", type=float, help="bisection tolerance on tau")
-  parser.add_argument("--tau", type=float, nargs="*", help="fixed taus to compare")
-  parser.add_argument("--tome-r", type=int, nargs="*", help="ToMe rows to compare")
+  config = parse(argv)
+  m, inp, ev, cal_c = config.model, config.input, config.eval, config.calibrate
   try:
-    flags = flags_lib.resolve_flags(parser, argv, DEFAULTS)
-    if not flags["data"]:
-      raise ValueError("no data: pass --data NAME")
-    model, params = flags_lib.load_from_flags(flags)
-    size = int(flags["image_size"] or image_size_of(model, params))
-    kind = (data_lib.preprocess_for(model) if flags["preprocess"] in (None, "auto")
-            else flags["preprocess"])
-    label_map = flags_lib.label_map_from_flag(flags["label_map"])
-    source = data_lib.load_source(flags["data"], split=flags["split"],
-                                  data_dir=flags["data_dir"], label_map=label_map)
-    calib_source = source if not flags["calib_data"] else data_lib.load_source(
-        flags["calib_data"], data_dir=flags["data_dir"], label_map=label_map)
-    n_calib = min(int(flags["calib_images"]), len(calib_source))
+    if not inp.data:
+      raise ValueError("no data: pass --data NAME (--config.input.data)")
+    model, params = flags_lib.load_model_from(config)
+    size = int(m.image_size or image_size_of(model, params))
+    kind = (data_lib.preprocess_for(model) if m.preprocess in (None, "auto")
+            else m.preprocess)
+    label_map = flags_lib.label_map_from(inp.label_map)
+    source = data_lib.load_source(inp.data, split=inp.split, data_dir=inp.data_dir,
+                                  label_map=label_map)
+    calib_source = source if not cal_c.calib_data else data_lib.load_source(
+        cal_c.calib_data, data_dir=inp.data_dir, label_map=label_map)
+    n_calib = min(int(cal_c.calib_images), len(calib_source))
     loader = data_lib.Loader(calib_source, data_lib.preprocess_fn(kind, size),
-                             min(flags["batch_size"], max(n_calib, 1)), limit=n_calib)
+                             min(inp.batch_size, max(n_calib, 1)), limit=n_calib)
     batches = list(loader)
     heldout = source.subset(n_calib) if calib_source is source else source
     if len(heldout) == 0:
       raise ValueError(f"no held-out images: {source.name} has {len(source)} images and "
                        f"the first {n_calib} calibrate")
     cal = calibrate_lib.calibrate(
-        model, params, batches, target_gflops=flags["target_gflops"],
-        target_speedup=flags["target_speedup"], per_layer=flags["per_layer"],
-        merge_layers=parse_layers(flags["merge_layers"]), tol=flags["tol"],
-        heldout=heldout, taus=flags["tau"], tome_r=flags["tome_r"],
-        batch_size=flags["batch_size"], limit=flags["limit"], preprocess=kind,
-        image_size=size, num_devices=flags["devices"], runs=flags["runs"],
-        warmup=flags["warmup"], progress=flags["progress"])
+        model, params, batches, target_gflops=cal_c.target_gflops,
+        target_speedup=cal_c.target_speedup, per_layer=cal_c.per_layer,
+        merge_layers=parse_layers(config.merge.layers), tol=cal_c.tol,
+        heldout=heldout, taus=[float(t) for t in config.merge.tau],
+        tome_r=[int(r) for r in config.merge.tome_r], batch_size=inp.batch_size,
+        limit=inp.limit, preprocess=kind, image_size=size, num_devices=ev.devices,
+        runs=ev.runs, warmup=ev.warmup, progress=ev.progress)
   except (ValueError, FileNotFoundError) as e:
     print(f"mame-jax calibrate: error: {e}", file=sys.stderr)
     return 2
@@ -75,6 +90,6 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
     print("calibration data: " + data_lib.describe_corrupt(loader.corrupt))
   payload = cal.to_json()
   payload["calibration_corrupt"] = [list(c) for c in loader.corrupt]
-  payload["flags"] = {k: v for k, v in flags.items() if k != "json"}
-  report.write_json(flags["json"], payload)
+  payload["config"] = flags_lib.to_jsonable(config)
+  report.write_json(ev.json, payload)
   return 0

@@ -9,41 +9,48 @@ from typing import Optional, Sequence
 import jax
 
 from mame_jax.cli import flags as flags_lib
+from mame_jax.configs import common
+from mame_jax.eval import data as data_lib
 from mame_jax.eval import loop, report
+
+
+def parse(argv: Optional[Sequence[str]] = None):
+  """``mame-jax eval`` arguments -> the resolved config (``common.eval_config``
+  < ``--config`` < ``--config.a.b=v`` < short flags); exits 2 on a bad one."""
+  parser = argparse.ArgumentParser(
+      prog="mame-jax eval", description=loop.__doc__.split("\n\n")[0],
+      argument_default=argparse.SUPPRESS)
+  shorthands = flags_lib.add_common_flags(parser, ("auto",) + data_lib.PREPROCESS)
+  config, _ = flags_lib.resolve("mame-jax eval", parser, argv, common.eval_config(),
+                                shorthands)
+  return config
 
 
 def cli_main(argv: Optional[Sequence[str]] = None) -> int:
   """``mame-jax eval ...`` (``argv``: the arguments after ``eval``). Prints the
   table on stdout, progress on stderr; returns the exit status."""
-  parser = argparse.ArgumentParser(
-      prog="mame-jax eval", description=loop.__doc__.split("\n\n")[0],
-      argument_default=argparse.SUPPRESS)
-  flags_lib.add_common_flags(parser)
-  parser.add_argument("--tau", type=float, nargs="*", default=argparse.SUPPRESS,
-                      help="MaMe thresholds, one row each (default 0.8)")
-  parser.add_argument("--tome-r", type=int, nargs="*", default=argparse.SUPPRESS,
-                      help="ToMe r values, one row each")
+  config = parse(argv)
+  m, inp, ev = config.model, config.input, config.eval
   try:
-    flags = flags_lib.resolve_flags(parser, argv, flags_lib.DEFAULTS)
-    if flags["distributed"]:
+    if ev.distributed:
       jax.distributed.initialize()
-    if not flags["data"]:
-      raise ValueError("no data: pass --data NAME (e.g. imagenet2012, imagenette, photos, "
-                       "a folder)")
-    model, params = flags_lib.load_from_flags(flags)
+    if not inp.data:
+      raise ValueError("no data: pass --data NAME (--config.input.data; e.g. imagenet2012, "
+                       "imagenette, photos, a folder)")
+    model, params = flags_lib.load_model_from(config)
     result = loop.evaluate(
-        model, params, flags["data"], taus=flags["tau"], tome_r=flags["tome_r"],
-        merge_layers=flags["merge_layers"], batch_size=flags["batch_size"],
-        limit=flags["limit"], preprocess=flags["preprocess"],
-        image_size=flags["image_size"], split=flags["split"], data_dir=flags["data_dir"],
-        label_map=flags_lib.label_map_from_flag(flags["label_map"]), num_devices=flags["devices"],
-        runs=flags["runs"], warmup=flags["warmup"], progress=flags["progress"])
+        model, params, inp.data, taus=[float(t) for t in config.merge.tau],
+        tome_r=[int(r) for r in config.merge.tome_r], merge_layers=config.merge.layers,
+        batch_size=inp.batch_size, limit=inp.limit, preprocess=m.preprocess,
+        image_size=m.image_size, split=inp.split, data_dir=inp.data_dir,
+        label_map=flags_lib.label_map_from(inp.label_map), num_devices=ev.devices,
+        runs=ev.runs, warmup=ev.warmup, progress=ev.progress)
   except (ValueError, FileNotFoundError) as e:
     print(f"mame-jax eval: error: {e}", file=sys.stderr)
     return 2
   if jax.process_index() == 0:
     print(report.format_report(result))
   payload = report.to_json(result)
-  payload["flags"] = {k: v for k, v in flags.items() if k != "json"}
-  report.write_json(flags["json"], payload)
+  payload["config"] = flags_lib.to_jsonable(config)
+  report.write_json(ev.json, payload)
   return 0

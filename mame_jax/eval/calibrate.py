@@ -38,16 +38,14 @@ Afterwards the chosen config can be evaluated on held-out data (``heldout=``
 in Python; the CLI holds out every image after the calibration ones), with
 ``mame_jax.eval.loop``: accuracy, measured and ideal speedup from XLA.
 
-Per-layer thresholds need a merge config with one tau per layer:
-:class:`LayerwiseMergeConfig`, a ``MergeConfig`` with ``taus`` that the runner
-drives like any other (exact mode, buckets). Calibration runs on one device in
-one process.
+Per-layer thresholds are a plain ``MergeConfig`` whose ``tau`` is a tuple,
+one per merge layer (:func:`layerwise`), which the runner drives like any other
+(exact mode, buckets). Calibration runs on one device in one process.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Optional, Sequence
 
 import jax
@@ -59,72 +57,27 @@ from mame_jax.eval import loop as eval_lib
 from mame_jax.eval import report
 from mame_jax.eval import timing
 from mame_jax.eval.runner import sequence_lengths
-from mame_jax.merge import is_traced, mame
+from mame_jax.models.inputs import check_images
 from mame_jax.models.merging import MergeConfig, default_layers, parse_layers
 from mame_jax.models.vit import pair
 
 
-
-@dataclasses.dataclass(frozen=True)
-class LayerwiseMergeConfig(MergeConfig):
-  """A ``MergeConfig`` with one threshold per merge layer: ``taus[i]`` is the
-  tau of block ``layers[i]`` (``tau`` is then unused). ``taus`` may hold traced
-  scalars inside a jitted function (calibration); every other field means
-  what it means in ``MergeConfig``."""
-
-  taus: Optional[tuple] = None
-
-  def __post_init__(self):
-    super().__post_init__()
-    if self.taus is None:
-      return
-    taus = tuple(self.taus)
-    if len(taus) != len(self.layers):
-      raise ValueError(f"LayerwiseMergeConfig.taus needs one tau per merge layer "
-                       f"({len(self.layers)}); got {len(taus)}")
-    if not is_traced(*taus):
-      taus = tuple(float(t) for t in taus)
-      if not all(math.isfinite(t) for t in taus):
-        raise ValueError(f"LayerwiseMergeConfig.taus must be finite; got {taus}")
-    object.__setattr__(self, "taus", taus)
-
-  @property
-  def active(self) -> bool:
-    if self.taus is None:
-      return super().active
-    if is_traced(*self.taus) or self.similarity != "cosine":
-      return bool(self.layers)
-    return bool(self.layers) and any(t < 1 for t in self.taus)
-
-  def __call__(self, x, token_mask, size, keys, *, layer, num_special=0):
-    """As ``MergeConfig.__call__`` with this layer's tau."""
-    if self.taus is None:
-      return super().__call__(x, token_mask, size, keys, layer=layer, num_special=num_special)
-    if layer not in self.layers or not self.active:
-      return x, token_mask, size, {}
-    c = self.capacity(layer, x.shape[1], num_special)
-    key = (jax.random.fold_in(jax.random.key(self.seed), layer)
-           if self.partition == "random" else None)
-    y, info = mame(x, self.taus[self.layers.index(layer)], num_special=num_special,
-                   eps=self.eps, capacity=c, token_mask=token_mask, partition=self.partition,
-                   similarity=self.similarity, causal=self.causal, key=key,
-                   metric=keys if self.metric == "keys" else None)
-    return y, info.token_mask, None, {"info": info}
-
-
 def layerwise(base: MergeConfig, taus: Sequence[float]) -> MergeConfig:
-  """``base`` with one tau per layer of ``base.layers``. Layers whose tau merges
-  nothing (``>= 1`` for cosine similarity) are left out, so they cost nothing;
-  all taus equal gives a plain ``MergeConfig``."""
+  """``base`` with one tau per layer of ``base.layers`` (``taus[i]`` for block
+  ``base.layers[i]``). Layers whose tau merges nothing (``>= 1`` for cosine
+  similarity) are left out, so they cost nothing; when the remaining taus are
+  all equal ``tau`` is that one float, else a tuple. Capacities are reset (the
+  layers changed). Raises ``ValueError`` when ``taus`` does not have one entry
+  per layer."""
   taus = [float(t) for t in taus]
+  if len(taus) != len(base.layers):
+    raise ValueError(f"taus needs one tau per merge layer of base (layers={base.layers}); "
+                     f"got {len(taus)}")
   keep = [i for i, t in enumerate(taus) if not (base.similarity == "cosine" and t >= 1)]
   layers = tuple(base.layers[i] for i in keep)
   taus = [taus[i] for i in keep]
-  fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(MergeConfig)}
-  fields.update(layers=layers, capacities=None)
-  if len(set(taus)) <= 1:
-    return MergeConfig(**{**fields, "tau": taus[0] if taus else 1.0})
-  return LayerwiseMergeConfig(**{**fields, "tau": min(taus)}, taus=tuple(taus))
+  tau = (taus[0] if taus else 1.0) if len(set(taus)) <= 1 else tuple(taus)
+  return base.replace(layers=layers, capacities=None, tau=tau)
 
 
 # ----------------------------------------------------------------------------
@@ -172,7 +125,7 @@ class Calibration:
 
   Attributes:
     tau: the threshold (``per_layer``: a tuple, one per merge layer).
-    merge: the config to run (``MergeConfig`` or ``LayerwiseMergeConfig``).
+    merge: the ``MergeConfig`` to run (per layer: its ``tau`` is a tuple).
     target_speedup: the ideal speedup asked for (from ``target_gflops`` when
       that was given).
     speedup: the ideal speedup reached on the calibration data (analytic).
@@ -216,10 +169,9 @@ class _Counter:
     self.model, self.params, self.base = model, params, base.replace(capacities=None,
                                                                      mode="exact")
     self.batches = batches
-    fields = {f.name: getattr(self.base, f.name) for f in dataclasses.fields(MergeConfig)}
 
-    def count(params, images, taus):
-      cfg = LayerwiseMergeConfig(**fields, taus=tuple(taus[i] for i in range(len(taus))))
+    def count(params, images, taus):  # taus (k,) traced: one program for every candidate
+      cfg = self.base.replace(tau=tuple(taus[i] for i in range(len(taus))))
       _, aux = model.clone(merge=cfg).apply({"params": params}, images)
       return aux["tokens_per_block"]
     self._count = jax.jit(count)
@@ -233,10 +185,12 @@ class _Counter:
                            for x, v in self.batches])
 
 
-def _as_batches(batches):
-  """Arrays ``(B, H, W, 3)`` or ``data.Batch`` es -> ``[(images, valid)]``."""
+def _as_batches(batches, model, params):
+  """Arrays ``(B, H, W, 3)`` or ``data.Batch`` es -> ``[(images, valid)]``, each
+  checked against the model first (shape, float dtype, image size)."""
   out = []
   for b in batches:
+    check_images(model, params, b.images if isinstance(b, data_lib.Batch) else b)
     if isinstance(b, data_lib.Batch):
       out.append((jnp.asarray(b.images), np.asarray(b.valid)))
     else:
@@ -278,7 +232,7 @@ def calibrate(model, params, batches, target_gflops: Optional[float] = None,
   """
   if (target_gflops is None) == (target_speedup is None):
     raise ValueError("give exactly one of target_gflops and target_speedup")
-  batches = _as_batches(batches)
+  batches = _as_batches(batches, model, params)
   layers = (default_layers(model.depth) if merge_layers is None
             else parse_layers(merge_layers))
   base = (merge or MergeConfig()).replace(layers=tuple(layers))

@@ -48,16 +48,11 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
-import hashlib
 import io
 import math
 import os
-import shutil
 import sys
-import tempfile
 import threading
-import urllib.parse
-import urllib.request
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -81,7 +76,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
                     ".ppm", ".pgm")
 TFDS_DEFAULT_SPLITS = {"imagenet2012": "validation", "imagenette": "validation",
                        "imagenet_v2": "test"}
-CACHE_ENV = "MAME_JAX_CACHE"
 _SKIMAGE_LOCK = threading.Lock()
 
 
@@ -614,53 +608,7 @@ class Loader:
 
 
 # ----------------------------------------------------------------------------
-# Downloads
-
-
-def cache_dir() -> str:
-  """``$MAME_JAX_CACHE`` or ``~/.cache/mame_jax``."""
-  return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache",
-                                                   "mame_jax")
-
-
-def is_url(path) -> bool:
-  return isinstance(path, str) and urllib.parse.urlparse(path).scheme in (
-      "http", "https", "file", "gs")
-
-
-def cached_download(url: str, directory: Optional[str] = None, *, quiet=False,
-                    timeout: Optional[float] = None) -> str:
-  """The local path of ``url`` (http(s), ``gs://`` via its public https mirror,
-  or ``file://``), downloading it into ``directory`` (default :func:`cache_dir`)
-  once. The file is named ``<hash of the URL>-<basename>`` (two hub URLs may
-  both end in ``model.safetensors``) and written atomically, so an interrupted
-  download never leaves a truncated checkpoint behind. A plain path is
-  returned as it is."""
-  if not is_url(url):
-    return os.fspath(url)
-  parsed = urllib.parse.urlparse(url)
-  fetch_url = url
-  if parsed.scheme == "gs":
-    fetch_url = f"https://storage.googleapis.com/{parsed.netloc}{parsed.path}"
-  directory = directory or cache_dir()
-  os.makedirs(directory, exist_ok=True)
-  base = os.path.basename(parsed.path) or "download"
-  digest = hashlib.sha256(url.encode()).hexdigest()[:12]
-  path = os.path.join(directory, f"{digest}-{base}")
-  if os.path.exists(path):
-    return path
-  if not quiet:
-    print(f"downloading {url} -> {path}", file=sys.stderr)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{digest}-", suffix=".part")
-  try:
-    with os.fdopen(fd, "wb") as out, urllib.request.urlopen(fetch_url, timeout=timeout) as response:
-      shutil.copyfileobj(response, out, length=1 << 20)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
+# Reports
 
 
 def describe_corrupt(corrupt: Sequence[tuple], shown: int = 5) -> str:
@@ -673,7 +621,7 @@ def describe_corrupt(corrupt: Sequence[tuple], shown: int = 5) -> str:
 
 
 __all__ = ["Batch", "Loader", "Source", "PREPROCESS", "PHOTOS", "IMAGENETTE_WNIDS",
-           "IMAGENETTE_TO_IMAGENET", "array_source", "cached_download", "cache_dir",
-           "decode_image", "describe_corrupt", "folder_source", "imagenet_wnids",
+           "IMAGENETTE_TO_IMAGENET", "array_source", "decode_image", "describe_corrupt",
+           "folder_source", "imagenet_wnids",
            "load_image", "load_source", "photos_source", "preprocess_fn", "preprocess_for",
            "resize_area", "resize_bilinear", "tfds_source", "to_rgb_uint8"]

@@ -11,9 +11,11 @@ preprocessed once, and each batch is fed to every method in turn. The table
   the data are unlabelled); corrupt images and padding rows are left out.
 * ``tokens_per_layer``: mean real tokens after each block (what its MLP
   processed), over the images; ``mean_tokens_per_layer`` their mean.
-* ``images_per_s``: ``mame_jax.eval.timing.time_fn`` (compile and warm-up excluded,
-  median of ``runs`` timed calls) of the method's compiled program on one fixed
-  batch -- the first one, the same arrays and dtype for every method. For MaMe
+* ``images_per_s``: ``mame_jax.eval.timing.time_interleaved`` (compile and
+  warm-up excluded, median of ``runs`` timed calls; every method's program is
+  called once per round, A B C A B C ..., so a drift of the machine affects all
+  alike) of the method's compiled program on one fixed batch -- the first one,
+  the same arrays and dtype for every method; ``iqr_s`` is the spread. For MaMe
   the program is the one of the *settled* capacity schedule (after the whole
   dataset), so neither the overflow re-runs of the first batches nor the
   per-batch overflow check are in the figure.
@@ -50,10 +52,11 @@ Without ``--checkpoint`` there is nothing to evaluate: the command stops with
 an error, unless ``--random-init VARIANT`` (e.g. ``S/16``) asks for a randomly
 initialised model, for smoke runs of the pipeline (accuracy is then chance).
 
-``--config configs/FILE.py[:arg]`` reads the flags from a big_vision-style
-config (``get_config(arg)`` returning a ``ConfigDict`` whose keys are the
-flags' names, e.g. ``tau``, ``tome_r``, ``merge_layers``); flags given on the
-command line win over the config.
+``--config configs/FILE.py[:arg]`` reads the settings from a big_vision-style
+config (``get_config(arg)`` returning a ``ConfigDict`` with ``model``,
+``merge``, ``input`` and ``eval`` parts, see ``mame_jax.configs.common``);
+``--config.merge.tau=0.9`` overrides one field, and flags given on the command
+line (``--tau``, ...) win over both.
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ def evaluate(model, params, data, *, taus=(DEFAULT_TAU,), tome_r=(), merge_layer
       embeddings (``params``), else 224.
     num_devices: shard over the first ``num_devices`` local devices (default:
       every device of every process).
-    runs, warmup: for ``timing.time_fn``.
+    runs, warmup: timed and untimed rounds of ``timing.time_interleaved``.
     progress: a ``tqdm`` progress bar (images, images/s, running top-1 of
       every method): ``None`` only when ``stream`` is a terminal, ``True``
       always, ``False`` never; ``stream``: where it and the corrupt-image
@@ -175,10 +178,16 @@ def evaluate(model, params, data, *, taus=(DEFAULT_TAU,), tome_r=(), merge_layer
   if first is None:
     raise ValueError(f"every one of the {n_total} images of {source.name} is corrupt")
 
+  # The lean programs the runners served (settled schedules), all timed interleaved.
+  programs = [runner.program(runner.schedule if runner.exact else None, first.shape)
+              for runner in runners]
+  timings = timing.time_interleaved(
+      {i: (program, (runner.params, first))
+       for i, (program, runner) in enumerate(zip(programs, runners))},
+      rounds=runs, warmup=warmup)
   rows = []
   for i, (m, runner) in enumerate(zip(methods, runners)):
-    program = runner.program(runner.schedule if runner.exact else None, first.shape)
-    t = timing.time_fn(program, runner.params, first, warmup=warmup, runs=runs)
+    program, t = programs[i], timings[i]
     gf = timing.gflops(program, runner.params, first) / (batch_size / ndev)
     per_layer = (tokens[i] / max(n_valid, 1)).tolist()
     rows.append(dict(
@@ -189,7 +198,7 @@ def evaluate(model, params, data, *, taus=(DEFAULT_TAU,), tome_r=(), merge_layer
         measured_speedup=None, ideal_speedup=None,
         capacities=list(runner.schedule) if runner.exact else None,
         num_programs=runner.num_programs, reruns=runner.reruns,
-        median_s=t.median_s, compile_s=t.compile_s))
+        median_s=t.median_s, iqr_s=t.iqr_s, compile_s=t.compile_s))
   base = rows[0]
   for row in rows:
     row["measured_speedup"] = row["images_per_s"] / base["images_per_s"]

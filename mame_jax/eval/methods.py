@@ -21,13 +21,13 @@ class Method:
 
 
 def describe_merge(merge) -> Method:
-  """``None`` / ``MergeConfig`` (or a subclass with per-layer ``taus``) /
-  ``ToMeConfig`` -> :class:`Method`."""
+  """``None`` / ``MergeConfig`` / ``ToMeConfig`` -> :class:`Method`. A
+  ``MergeConfig`` with one tau per layer gets ``tau`` as a list (JSON) and the
+  name ``MaMe(tau=0.5,0.7)``."""
   if merge is None:
     return Method("baseline", "baseline")
   if isinstance(merge, MergeConfig):
-    taus = getattr(merge, "taus", None)
-    tau = [float(t) for t in taus] if taus is not None else float(merge.tau)
+    tau = [float(t) for t in merge.tau] if merge.per_layer else float(merge.tau)
     shown = ",".join(f"{t:g}" for t in tau) if isinstance(tau, list) else f"{tau:g}"
     return Method(f"MaMe(tau={shown})", "mame", merge, tau=tau)
   if isinstance(merge, ToMeConfig):

@@ -14,6 +14,14 @@ capacity per merge layer). The model's ``merge`` config says how:
   ``aux["dropped"]``.
 
 ToMe configs and plain models run once, as they are.
+
+The program is lean: inside the jitted function only what exact mode and the
+callers need is selected from the model's ``aux`` -- ``tokens_per_block`` and,
+for MaMe, each merge layer's ``num_preserved``, ``overflow`` and ``dropped`` --
+so XLA never materialises the merge records (the (B, M, N) fusion matrices,
+source maps, every block's activations) as outputs. ``Runner(...,
+records=True)``, ``runner(images, records=True)`` or ``runner.full(images)``
+return the model's whole ``aux`` as well (pictures, restoration, source maps).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import numpy as np
 
 from mame_jax.buckets import bucket_for, linear_buckets
 from mame_jax.merge import merged_length, num_sources
+from mame_jax.models.inputs import check_images
 from mame_jax.models.merging import MergeConfig, merge_records
 from mame_jax.models.vit import patch_grid
 
@@ -52,12 +61,16 @@ class Runner:
 
   Attributes:
     schedule: the current capacity schedule (exact mode), one per merge layer.
-    num_programs: how many programs were compiled (one per schedule and shape).
+    num_programs: how many programs were compiled (one per schedule, shape and
+      lean / full).
     reruns: batches run again because a layer overflowed.
+    records: whether calls return the model's full ``aux`` by default (else the
+      lean summary; see the module docstring).
   """
 
-  def __init__(self, model, params, *, initial_fraction: float = 0.5):
+  def __init__(self, model, params, *, initial_fraction: float = 0.5, records: bool = False):
     self.model, self.params = model, params
+    self.records = bool(records)
     self.cfg = model.merge
     self._programs = {}
     self.reruns = 0
@@ -77,14 +90,22 @@ class Runner:
     return (isinstance(self.cfg, MergeConfig) and self.cfg.mode == "exact"
             and self.cfg.active)
 
-  def program(self, schedule: Optional[tuple], shape):
-    """The jitted forward for a schedule (None: the model's own config)."""
-    k = (schedule, tuple(shape))
+  def program(self, schedule: Optional[tuple], shape, records: Optional[bool] = None):
+    """The jitted forward ``(params, images) -> (output, aux)`` for a schedule
+    (None: the model's own config). ``records`` (default ``self.records``): the
+    model's whole ``aux`` plus the summary, else only the summary (lean)."""
+    records = self.records if records is None else bool(records)
+    k = (schedule, tuple(shape), records)
     if k not in self._programs:
-      model = self.model
+      model, cfg = self.model, self.cfg
       if schedule is not None:
-        model = model.clone(merge=self.cfg.replace(capacities=schedule))
-      self._programs[k] = jax.jit(lambda p, x: model.apply({"params": p}, x))
+        model = model.clone(merge=cfg.replace(capacities=schedule))
+
+      def forward(p, x):
+        out, aux = model.apply({"params": p}, x)
+        summary = _select(cfg, aux)
+        return out, ({**aux, **summary} if records else summary)
+      self._programs[k] = jax.jit(forward)
     return self._programs[k]
 
   def _buckets(self, schedule, length, ns):
@@ -102,18 +123,24 @@ class Runner:
       caps.append(bucket_for(int(buckets[-1] * self._initial_fraction), buckets))
     return tuple(caps)
 
-  def __call__(self, images):
+  def __call__(self, images, *, records: Optional[bool] = None):
     """``images (B, H, W, 3)`` in [-1, 1] -> ``(output, aux)``; in exact mode
-    ``aux["capacities"]`` is the schedule used and nothing was dropped."""
+    ``aux["capacities"]`` is the schedule used and nothing was dropped.
+
+    ``aux`` holds ``tokens_per_block`` (B, depth) and, for MaMe, per merge layer
+    ``num_preserved`` (layers,) int, ``overflow`` (layers,) bool and ``dropped``
+    (B, layers) int, as NumPy arrays; with ``records`` (default
+    ``self.records``) also the model's whole ``aux``."""
+    check_images(self.model, self.params, images)  # before tracing: clear errors
     images = jnp.asarray(images)
     if not self.exact:
-      out, aux = self.program(None, images.shape)(self.params, images)
+      out, aux = self.program(None, images.shape, records)(self.params, images)
       return out, _summarise(self.cfg, aux)
     length, ns = sequence_lengths(self.model, images.shape[1:3])
     if self.schedule is None:
       self.schedule = self._initial_schedule(length, ns)
     while True:
-      out, aux = self.program(self.schedule, images.shape)(self.params, images)
+      out, aux = self.program(self.schedule, images.shape, records)(self.params, images)
       aux = _summarise(self.cfg, aux)
       over = np.asarray(aux["overflow"])
       if not over.any():
@@ -131,18 +158,35 @@ class Runner:
       self.schedule = tuple(caps)
       self.reruns += 1
 
+  def full(self, images):
+    """``self(images, records=True)``: the output and the model's whole ``aux``
+    (every block's merge record) beside the summary."""
+    return self(images, records=True)
+
+
+def _select(cfg, aux) -> dict:
+  """Inside the jitted forward: the summary the runner returns, picked from the
+  model's ``aux`` -- ``tokens_per_block`` (B, depth) and, for active MaMe configs,
+  ``num_preserved`` (layers,), ``overflow`` (layers,), ``dropped`` (B, layers)."""
+  out = {"tokens_per_block": aux["tokens_per_block"]}
+  if isinstance(cfg, MergeConfig) and cfg.active:
+    records = merge_records(aux)
+    infos = [records[l]["info"] for l in cfg.layers]
+    out["num_preserved"] = jnp.stack([i.num_preserved for i in infos])
+    out["overflow"] = jnp.stack([i.overflow for i in infos])
+    out["dropped"] = jnp.stack([i.dropped for i in infos], axis=1)
+  return out
+
 
 def _summarise(cfg, aux):
-  """Adds per-merge-layer ``num_preserved``, ``overflow``, ``dropped`` (B, layers)
-  to ``aux`` for MaMe configs."""
+  """The summary on the host (NumPy) for MaMe configs: ``exact`` mode reads
+  ``overflow`` and ``num_preserved`` between runs anyway."""
   if not isinstance(cfg, MergeConfig) or not cfg.active:
     return aux
-  records = merge_records(aux)
-  infos = [records[l]["info"] for l in cfg.layers]
   aux = dict(aux)
-  aux["num_preserved"] = np.array([int(_host(i.num_preserved)) for i in infos])
-  aux["overflow"] = np.array([bool(_host(i.overflow)) for i in infos])
-  aux["dropped"] = np.stack([_host(i.dropped) for i in infos], axis=1)
+  aux["num_preserved"] = _host(aux["num_preserved"]).astype(np.int64)
+  aux["overflow"] = _host(aux["overflow"]).astype(bool)
+  aux["dropped"] = _host(aux["dropped"])
   return aux
 
 

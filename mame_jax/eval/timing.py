@@ -1,4 +1,4 @@
-"""The one benchmark timer and FLOP counter (DESIGN §6).
+"""The one benchmark timer and FLOP counter (docs/design.md, §6 Measuring speed).
 
 Every benchmark, and ``mame-jax eval``, measures speed with these functions so
 that all reported figures follow the same rules:
@@ -10,7 +10,11 @@ that all reported figures follow the same rules:
   speed;
 * the reported figure is the **median** of the timed calls;
 * FLOPs come from XLA's cost analysis of the compiled program, not from a
-  hand count.
+  hand count;
+* methods compared with each other are timed *interleaved*
+  (:func:`time_interleaved`: rounds of A B C A B C ...), so that a drift of the
+  machine -- clocks, thermal throttling, a neighbour's load -- falls on every
+  method alike instead of on whichever ran last.
 
 Nothing here asserts on wall-clock values; tests only check the bookkeeping.
 """
@@ -24,7 +28,7 @@ import os
 import statistics
 import time
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 
@@ -51,6 +55,20 @@ class Timing:
   def median_ms(self) -> float:
     return 1e3 * self.median_s
 
+  @property
+  def max_s(self) -> float:
+    """Slowest timed call."""
+    return max(self.runs_s)
+
+  @property
+  def iqr_s(self) -> float:
+    """Interquartile range of the timed calls (0 with fewer than 2): the spread
+    to report beside the median, insensitive to one odd call."""
+    if len(self.runs_s) < 2:
+      return 0.0
+    q1, _, q3 = statistics.quantiles(self.runs_s, n=4, method="inclusive")
+    return q3 - q1
+
   def per_item(self, n: int) -> float:
     """Median seconds per item when one call processes ``n`` items (e.g. images)."""
     return self.median_s / n
@@ -60,7 +78,8 @@ class Timing:
     return n / self.median_s if self.median_s > 0 else math.inf
 
   def to_dict(self) -> dict:
-    return dataclasses.asdict(self) | {"runs_s": list(self.runs_s)}
+    return dataclasses.asdict(self) | {"runs_s": list(self.runs_s), "max_s": self.max_s,
+                                       "iqr_s": self.iqr_s}
 
 
 def time_fn(fn: Callable, *args, warmup: int = 2, runs: int = 7,
@@ -104,6 +123,55 @@ def time_fn(fn: Callable, *args, warmup: int = 2, runs: int = 7,
     times.append(time.perf_counter() - start)
   return Timing(median_s=statistics.median(times), min_s=min(times), runs_s=tuple(times),
                 compile_s=compile_s, warmup=warmup)
+
+
+def time_interleaved(fns: Mapping[str, tuple], *, rounds: int = 7, warmup: int = 2,
+                     clock: Callable[[], float] = time.perf_counter) -> dict:
+  """Times several functions against each other, interleaved.
+
+  ``fns = {name: (fn, args)}`` with ``args`` a tuple. Each ``fn(*args)`` is first
+  called once on its own (compiling; ``compile_s``), in the order given; then
+  ``warmup`` untimed rounds and ``rounds`` timed rounds, each round calling every
+  function once in the same order (A B C A B C ...), each call ending in
+  ``jax.block_until_ready``. A slow drift of the machine thus lands on every
+  method, and the medians compare like with like.
+
+  Args:
+    fns: name -> ``(fn, args)``; ``fn`` jitted (or calling jitted code).
+    rounds: timed calls per function (at least 1).
+    warmup: untimed rounds after the compiling calls.
+    clock: seconds as a float (``time.perf_counter``); injectable for tests.
+
+  Returns:
+    name -> :class:`Timing` (``median_s``, ``min_s``, ``max_s``, ``iqr_s``,
+    ``runs_s``, ``compile_s``), in the order of ``fns``.
+  """
+  if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+    raise ValueError(f"rounds must be an int >= 1; got {rounds!r}")
+  if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+    raise ValueError(f"warmup must be an int >= 0; got {warmup!r}")
+  calls = {}
+  for name, entry in fns.items():
+    fn, args = entry
+    calls[name] = (fn, tuple(args))
+
+  def timed(name):
+    fn, args = calls[name]
+    start = clock()
+    jax.block_until_ready(fn(*args))
+    return clock() - start
+
+  compile_s = {name: timed(name) for name in calls}
+  for _ in range(warmup):
+    for name in calls:
+      timed(name)
+  runs = {name: [] for name in calls}
+  for _ in range(rounds):
+    for name in calls:
+      runs[name].append(timed(name))
+  return {name: Timing(median_s=statistics.median(r), min_s=min(r), runs_s=tuple(r),
+                       compile_s=compile_s[name], warmup=warmup)
+          for name, r in runs.items()}
 
 
 def gflops(fn: Callable, *args) -> float:

@@ -98,7 +98,98 @@ def _sniff(path: str) -> str:
                    ".safetensors or a PyTorch .pth file")
 
 
+# Globals a plain state dict's pickle may name: torch's own (tensor rebuilders,
+# storages, dtypes, Size, Parameter -- torch.load(weights_only=True) has the final
+# word on those) and the few builtins that torch.save writes for dicts and bytes.
+# Anything else (argparse.Namespace from a training script's `args`, NumPy
+# scalars, a class from __main__) means the file holds more than weights.
+_SAFE_PICKLE_GLOBALS = {("collections", "OrderedDict"), ("collections", "Counter"),
+                        ("_codecs", "encode"), ("builtins", "set"),
+                        ("builtins", "frozenset"), ("builtins", "bytearray"),
+                        ("builtins", "complex"), ("builtins", "slice")}
+_PICKLE_STRINGS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE",
+                   "SHORT_BINSTRING", "BINSTRING", "STRING"}
+
+
+def _pickle_globals(f, max_pickles: int = 4) -> list:
+  """``(module, name)`` of every global the pickle(s) in ``f`` would import, read
+  with ``pickletools.genops`` -- a disassembler that only parses opcodes, so
+  nothing is imported or executed. A legacy ``.pth`` is several pickles in a
+  row (magic, protocol, sys info, the object, then storage keys and raw storage
+  bytes): the first ``max_pickles`` are scanned -- the raw bytes never are --
+  and the scan stops at the first thing that does not parse. ``STACK_GLOBAL`` (protocol 4+) takes its two
+  names from the strings pushed before it, also through the memo."""
+  import pickletools  # pylint: disable=import-outside-toplevel
+  found = []
+  for _ in range(max_pickles):
+    strings, memo = [], {}
+    try:
+      for op, arg, _ in pickletools.genops(f):
+        if op.name == "GLOBAL" or op.name == "INST":
+          module, _, name = str(arg).partition(" ")
+          found.append((module, name))
+        elif op.name in _PICKLE_STRINGS:
+          strings.append(arg)
+        elif op.name == "MEMOIZE":
+          memo[len(memo)] = strings[-1] if strings else None
+        elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
+          memo[arg] = strings[-1] if strings else None
+        elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+          strings.append(memo.get(arg))
+        elif op.name == "STACK_GLOBAL":
+          module, name = strings[-2:] if len(strings) >= 2 else (None, None)
+          if isinstance(module, str) and isinstance(name, str):  # else torch.load judges
+            found.append((module, name))
+    except Exception:  # pylint: disable=broad-except  # not (or no more) pickle data
+      break
+  return found
+
+
+def _unsafe_globals(path: str) -> list:
+  """The ``module.name`` globals in ``path``'s pickle that a plain state dict
+  has no use for (see ``_SAFE_PICKLE_GLOBALS``); ``[]`` when there are none or
+  the pickle cannot be parsed (then ``torch.load`` judges)."""
+  if zipfile.is_zipfile(path):
+    with zipfile.ZipFile(path) as z:
+      pkl = [n for n in z.namelist() if n.endswith("data.pkl")]
+      if not pkl:
+        return []
+      with z.open(pkl[0]) as f:
+        found = _pickle_globals(f)
+  else:
+    with open(path, "rb") as f:
+      found = _pickle_globals(f)
+  bad = [f"{m}.{n}" for m, n in found
+         if not (m == "torch" or m.startswith("torch.") or (m, n) in _SAFE_PICKLE_GLOBALS)]
+  return sorted(set(bad))
+
+
+def _unsafe_pth_error(path: str, why: str) -> ValueError:
+  return ValueError(
+      f"{path} is not a safe checkpoint: {why}. mame-jax reads .pth files only through "
+      "torch.load(weights_only=True) and never unpickles anything else. If you trust "
+      "the file, convert it once in a trusted Python session: `import torch, "
+      "safetensors.torch; sd = torch.load(p, weights_only=False, map_location='cpu'); "
+      "sd = sd.get('model', sd); safetensors.torch.save_file({k: v.contiguous() for k, v "
+      "in sd.items() if torch.is_tensor(v)}, 'model.safetensors')`, then load "
+      "model.safetensors (or `mame-jax convert model.safetensors model.npz`).")
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
+
+
 def _read_pth(path: str) -> dict:
+  """A PyTorch ``.pth`` state dict -> flat ``{key: np.ndarray}``. The pickle is
+  first scanned (never run) for globals other than torch's tensor machinery, so
+  a checkpoint holding e.g. a training script's ``argparse.Namespace`` fails
+  with one clear ``ValueError`` -- with or without torch installed -- instead of
+  torch's unpickler message; then ``torch.load(weights_only=True)`` reads it."""
+  bad = _unsafe_globals(path)
+  if bad:
+    raise _unsafe_pth_error(path, f"its pickle imports {', '.join(bad[:5])}"
+                            f"{' ...' if len(bad) > 5 else ''}, not only tensors")
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
@@ -109,7 +200,15 @@ def _read_pth(path: str) -> dict:
         "`sd = torch.load(p, weights_only=True, map_location='cpu'); "
         "safetensors.torch.save_file(sd.get('model', sd), 'model.safetensors')`."
     ) from e
-  obj = torch.load(path, weights_only=True, map_location="cpu")
+  import pickle  # pylint: disable=import-outside-toplevel  # for its exception type only
+  try:
+    obj = torch.load(path, weights_only=True, map_location="cpu")
+  except pickle.UnpicklingError as e:  # weights_only refused a global
+    raise _unsafe_pth_error(path, f"torch.load(weights_only=True) refused it "
+                            f"({_first_line(e)})") from e
+  except (RuntimeError, EOFError, OSError) as e:
+    raise ValueError(f"{path}: torch.load(weights_only=True) cannot read it "
+                     f"({_first_line(e)}); probably truncated or not a state dict") from e
   for wrapper in ("model", "state_dict"):  # DeiT / MAE releases nest the weights
     if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
       obj = obj[wrapper]

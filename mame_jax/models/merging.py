@@ -12,8 +12,9 @@ model knows nothing about the merge, the merge nothing about the model.
   on the attention keys, size-weighted, with optional proportional attention.
 
 Capacities. Inside a compiled model every merge layer needs a static capacity
-(DESIGN §3). ``capacities=None`` keeps every preserved token (capacity = N, the
-most a layer can preserve) -- exact but with padding, so slow;
+(docs/design.md, §3 Static shapes). ``capacities=None`` keeps every preserved
+token (capacity = N, the most a layer can preserve) -- exact but with padding,
+so slow;
 :class:`mame_jax.eval.runner.Runner` picks bucketed capacities, re-running a batch
 whose layers overflowed ("exact" mode), or runs the capacities you give and
 counts the dropped tokens ("fixed" mode: the paper's training setting, where
@@ -24,13 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
 
 from mame_jax import tome as tome_lib
-from mame_jax.merge import PARTITIONS, SIMILARITIES, mame, num_sources
+from mame_jax.merge import PARTITIONS, SIMILARITIES, is_traced, mame, num_sources
 
 DEFAULT_TAU = 0.8        # the paper's training-free threshold
 DEFAULT_NUM_LAYERS = 8   # ... in the first 8 blocks
@@ -43,7 +44,12 @@ class MergeConfig:
   """MaMe inside a model's blocks.
 
   Attributes:
-    tau: similarity threshold (eq. 3).
+    tau: similarity threshold (eq. 3): one float for every merge layer, or a
+      tuple with one tau per entry of ``layers`` (``tau[i]`` is the threshold of
+      block ``layers[i]``; calibration picks these). Inside a jitted function
+      the entries (or the single tau) may be traced scalars, so that one
+      compiled program serves every candidate threshold. Read it with
+      :meth:`tau_of`.
     layers: indices of the blocks that merge.
     capacities: one static capacity per entry of ``layers`` (``None`` entries or
       ``None`` overall: the full capacity N of that layer, nothing ever dropped).
@@ -59,7 +65,7 @@ class MergeConfig:
     bucket_step: capacities the runner picks are multiples of this (or N).
   """
 
-  tau: float = DEFAULT_TAU
+  tau: Union[float, tuple] = DEFAULT_TAU
   layers: tuple = tuple(range(DEFAULT_NUM_LAYERS))
   capacities: Optional[tuple] = None
   mode: str = "exact"
@@ -73,8 +79,7 @@ class MergeConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "layers", _int_tuple(self.layers, "layers"))
-    if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not math.isfinite(self.tau):
-      raise ValueError(f"MergeConfig.tau must be a finite float; got {self.tau!r}")
+    object.__setattr__(self, "tau", _check_tau(self.tau, self.layers))
     if self.capacities is not None:
       caps = tuple(None if c is None else int(c) for c in self.capacities)
       if len(caps) != len(self.layers):
@@ -95,10 +100,29 @@ class MergeConfig:
     return dataclasses.replace(self, **kw)
 
   @property
+  def per_layer(self) -> bool:
+    """True when ``tau`` holds one threshold per merge layer."""
+    return isinstance(self.tau, tuple)
+
+  def tau_of(self, layer: int):
+    """The threshold of block ``layer`` (a float, or a traced scalar inside jit).
+    Raises ``ValueError`` when ``layer`` is not a merge layer."""
+    if layer not in self.layers:
+      raise ValueError(f"layer {layer} is not a merge layer of this MergeConfig "
+                       f"(layers={self.layers})")
+    return self.tau[self.layers.index(layer)] if self.per_layer else self.tau
+
+  @property
   def active(self) -> bool:
     """False when nothing can merge: cosine similarity never exceeds 1, so with
-    ``tau >= 1`` the blocks skip MaMe and the model is exactly the plain one."""
-    return bool(self.layers) and not (self.similarity == "cosine" and self.tau >= 1)
+    ``tau >= 1`` in every merge layer the blocks skip MaMe and the model is
+    exactly the plain one. Traced taus are unknown at trace time: active."""
+    if not self.layers:
+      return False
+    taus = self.tau if self.per_layer else (self.tau,)
+    if self.similarity != "cosine" or is_traced(*taus):
+      return True
+    return any(t < 1 for t in taus)
 
   def capacity(self, layer: int, length: int, num_special: int) -> int:
     """Static capacity of ``layer`` for a sequence of ``length`` tokens."""
@@ -116,7 +140,7 @@ class MergeConfig:
     c = self.capacity(layer, x.shape[1], num_special)
     key = (jax.random.fold_in(jax.random.key(self.seed), layer)
            if self.partition == "random" else None)
-    y, info = mame(x, self.tau, num_special=num_special, eps=self.eps, capacity=c,
+    y, info = mame(x, self.tau_of(layer), num_special=num_special, eps=self.eps, capacity=c,
                    token_mask=token_mask, partition=self.partition,
                    similarity=self.similarity, causal=self.causal, key=key,
                    metric=keys if self.metric == "keys" else None)
@@ -199,6 +223,36 @@ def parse_layers(spec) -> Optional[tuple]:
   if any(v < 0 for v in out):
     raise ValueError(f"layers must be >= 0; got {spec!r}")
   return tuple(sorted(set(out)))
+
+
+def _check_tau(tau, layers):
+  """``MergeConfig.tau`` -> a float, a tuple of floats (one per layer), or the
+  same with traced scalars (left as they are: their values are unknown while
+  tracing). Raises ``ValueError`` naming the field when a value is not a finite
+  real number or the tuple's length is not ``len(layers)``."""
+  if isinstance(tau, (list, tuple)) or getattr(tau, "ndim", 0) == 1:
+    taus = tuple(tau)
+    if len(taus) != len(layers):
+      raise ValueError(f"MergeConfig.tau needs one tau per merge layer (layers={layers}: "
+                       f"{len(layers)}); got {len(taus)}: {taus!r}")
+    return tuple(_one_tau(t, f"MergeConfig.tau[{i}]") for i, t in enumerate(taus))
+  return _one_tau(tau, "MergeConfig.tau")
+
+
+def _one_tau(t, name):
+  if is_traced(t):
+    if jnp.ndim(t) != 0:
+      raise ValueError(f"{name} must be a scalar; got a traced value of shape {jnp.shape(t)}")
+    return t
+  if isinstance(t, (bool, str, bytes)) or getattr(t, "ndim", 0) != 0:
+    raise ValueError(f"{name} must be a finite float; got {t!r}")
+  try:
+    value = float(t)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{name} must be a finite float; got {t!r}") from e
+  if not math.isfinite(value):
+    raise ValueError(f"{name} must be a finite float; got {t!r}")
+  return value
 
 
 def _int_tuple(values, name) -> tuple:

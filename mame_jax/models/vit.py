@@ -23,9 +23,13 @@ What differs from big_vision, all for token merging:
   the token sizes ``size (B, L)`` flow from block to block, and the token count may
   change from one block to the next (unscanned blocks only).
 * Pooling respects ``token_mask``.
-* Parameters are always float32; ``dtype_mm`` only sets the dtype in which the matmuls
-  and the patch convolution compute. The residual stream, LayerNorm, GELU and softmax
-  stay float32.
+* Parameters are created float32 (:func:`cast_params` casts them, e.g. to bf16 for
+  inference). ``dtype_mm`` sets the dtype in which the matmuls and the patch
+  convolution compute, ``dtype`` that of the activations (residual stream, LayerNorm
+  outputs, GELU); both default to float32. Attention logits and softmax, LayerNorm
+  statistics, the merge arithmetic, pooling and the head are float32 in any case.
+* Attention runs through ``jax.nn.dot_product_attention`` (XLA, or cuDNN's fused
+  kernel on a GPU in bf16); ``attention="manual"`` keeps the hand-written einsums.
 
 Every model returns ``(output, aux)``; ``aux`` holds named intermediates.
 """
@@ -140,6 +144,18 @@ def resample_posemb(posemb, new_hw):
   return grid.reshape(1, new_h * new_w, d).astype(posemb.dtype)
 
 
+def cast_params(params, dtype):
+  """``params`` with every floating-point leaf cast to ``dtype`` (integer leaves,
+  if any, kept): e.g. ``cast_params(params, "bfloat16")`` after loading, for bf16
+  inference with ``Model(..., dtype="bfloat16", dtype_mm="bfloat16")``. Halves the
+  parameters' memory and saves the per-call casts of float32 weights."""
+  dtype = jnp.dtype(dtype)
+
+  def cast(a):
+    return a.astype(dtype) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a
+  return jax.tree.map(cast, params)
+
+
 def merge_hook(merge, layer, num_special, x, token_mask, size, keys):
   """The one place where a block hands its tokens to the merge.
 
@@ -163,6 +179,7 @@ class MlpBlock(nn.Module):
   dropout: float = 0.0
   dtype_mm: Any = "float32"
   gelu_approximate: bool = True  # big_vision: tanh GELU; timm: exact erf GELU
+  dtype: Any = "float32"  # of the GELU (the activations)
 
   @nn.compact
   def __call__(self, x, deterministic=True):
@@ -172,9 +189,133 @@ class MlpBlock(nn.Module):
         bias_init=nn.initializers.normal(stddev=1e-6))
     d = x.shape[-1]
     y = dense(self.mlp_dim or 4 * d)(x)
-    y = nn.gelu(y.astype(jnp.float32), approximate=self.gelu_approximate)
+    y = nn.gelu(y.astype(self.dtype), approximate=self.gelu_approximate)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     return dense(d)(y)
+
+
+# How attention is computed; every choice gives the same values to float32 rounding.
+#   "auto":   jax.nn.dot_product_attention; cuDNN's fused kernel on a GPU when the
+#             inputs are bf16/fp16 and the head dim suits it (else, or when cuDNN
+#             refuses the call, XLA). On the CPU this is implementation=None (XLA).
+#   "xla":    jax.nn.dot_product_attention(implementation="xla").
+#   "cudnn":  jax.nn.dot_product_attention(implementation="cudnn"); raises where
+#             cuDNN cannot run (no GPU, float32, head dim not a multiple of 8).
+#   "manual": the hand-written einsum + softmax, kept for comparison only.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "manual")
+# How ToMe's per-key bias reaches the kernel:
+#   "add":  as dot_product_attention's ``bias`` (B, 1, 1, L) -- broadcast to
+#           (B, 1, Q, L) for cuDNN, which wants the full query length.
+#   "fold": as one extra head dimension (:func:`fold_key_bias`), so that a kernel
+#           without bias support (or with a slow one) computes it.
+ATTENTION_BIAS = ("add", "fold")
+# How padding reaches the kernel: "mask" a boolean (B, 1, 1, L) mask (any layout);
+# "lengths" the count of real keys as ``key_value_seq_lengths`` (correct only when
+# the real tokens come first, which MaMe and ToMe guarantee); "auto": "lengths"
+# with a MergeConfig / ToMeConfig merge, else "mask".
+ATTENTION_MASK = ("auto", "mask", "lengths")
+# cuDNN's flash attention needs a head dim that is a multiple of 8.
+CUDNN_HEAD_MULTIPLE = 8
+
+
+def _check_choice(value, allowed, name):
+  if value not in allowed:
+    raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
+
+
+def _cudnn_eligible(dtype, head_dim) -> bool:
+  """Whether "auto" should try cuDNN: a GPU, half-precision inputs (cuDNN's fused
+  attention has no float32 kernel) and a head dim it accepts (<= 128 on every
+  architecture it supports)."""
+  return (jax.default_backend() == "gpu"
+          and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+          and head_dim % CUDNN_HEAD_MULTIPLE == 0 and head_dim <= 128)
+
+
+def fold_key_bias(q, k, v, bias, scale, multiple=1):
+  """Folds a per-key logit bias into the head dimension.
+
+  ``q (B, Q, H, hd)``, ``k, v (B, L, H, hd)``, ``bias (B, L)``, ``scale`` the logit
+  scale the kernel will apply -> ``q', k', v'`` with head dim ``hd'``, the smallest
+  multiple of ``multiple`` above ``hd``, such that
+  ``scale * q' . k' = scale * q . k + bias`` and ``softmax(...) v'`` is the wanted
+  output padded with zeros (slice ``[..., :hd]``).
+
+  The first extra column holds 1 on every query and ``bias / scale`` on every key;
+  the rest, and all of ``v``'s extra columns, are 0. The query column is exactly 1
+  in any dtype, so in bf16 the only extra rounding is that of ``bias / scale``, the
+  same relative error as rounding ``bias`` itself. cuDNN needs ``multiple=8``: a
+  64-wide head then computes 72 columns (12.5% more attention arithmetic).
+  """
+  b, nq, h, hd = q.shape
+  nk = k.shape[1]
+  extra = -(-(hd + 1) // multiple) * multiple - hd
+  ones = jnp.ones((b, nq, h, 1), q.dtype)
+  key_col = jnp.broadcast_to((bias / scale).astype(k.dtype)[:, :, None, None], (b, nk, h, 1))
+  q = jnp.concatenate([q, ones, jnp.zeros((b, nq, h, extra - 1), q.dtype)], axis=-1)
+  k = jnp.concatenate([k, key_col, jnp.zeros((b, nk, h, extra - 1), k.dtype)], axis=-1)
+  v = jnp.concatenate([v, jnp.zeros((b, nk, h, extra), v.dtype)], axis=-1)
+  return q, k, v
+
+
+def manual_attention(q, k, v, token_mask=None, bias=None):
+  """The hand-written attention: ``q (B, Q, H, hd)``, ``k, v (B, L, H, hd)``,
+  ``token_mask (B, L) bool``, ``bias (B, L)`` -> ``(B, Q, H, hd)``. Float32 logits
+  and softmax; masked keys get ``MASKED_LOGIT``."""
+  q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+  if bias is not None:
+    logits = logits + bias[:, None, None, :].astype(jnp.float32)
+  if token_mask is not None:
+    logits = jnp.where(token_mask[:, None, None, :], logits, MASKED_LOGIT)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def fused_attention(q, k, v, token_mask=None, bias=None, *, implementation="auto",
+                    bias_mode="add", mask_is_prefix=False):
+  """Attention through ``jax.nn.dot_product_attention``; same arguments and result
+  as :func:`manual_attention`, plus:
+
+    implementation: "auto", "xla" or "cudnn" (see ``ATTENTION_IMPLS``).
+    bias_mode: "add" or "fold" (see ``ATTENTION_BIAS``).
+    mask_is_prefix: ``token_mask`` holds the real tokens first; it is then passed as
+      ``key_value_seq_lengths`` (no (B, 1, Q, L) mask tensor for cuDNN).
+
+  The logits are ``q k^T / sqrt(hd)`` in float32 (XLA: ``preferred_element_type``
+  float32, softmax in float32), as in the manual path.
+  """
+  hd = q.shape[-1]
+  if implementation == "auto":
+    if _cudnn_eligible(q.dtype, hd + (CUDNN_HEAD_MULTIPLE if bias_mode == "fold" else 0)):
+      try:
+        return fused_attention(q, k, v, token_mask, bias, implementation="cudnn",
+                               bias_mode=bias_mode, mask_is_prefix=mask_is_prefix)
+      except (NotImplementedError, RuntimeError, ValueError):
+        pass  # cuDNN refused this shape or is missing: XLA computes the same thing.
+    impl = None
+  else:
+    impl = implementation
+  scale = 1.0 / math.sqrt(hd)
+  mask = lengths = None
+  if token_mask is not None:
+    if mask_is_prefix:
+      lengths = jnp.sum(token_mask, axis=-1, dtype=jnp.int32)
+    else:
+      mask = token_mask[:, None, None, :]
+  bias4 = None
+  if bias is not None and bias_mode == "fold":
+    multiple = CUDNN_HEAD_MULTIPLE if impl == "cudnn" else 1
+    q, k, v = fold_key_bias(q, k, v, bias.astype(jnp.float32), scale, multiple)
+  elif bias is not None:
+    bias4 = bias[:, None, None, :]
+    if impl == "cudnn":  # cuDNN takes a bias only at the full (Q, L) size, in q's dtype.
+      bias4 = jnp.broadcast_to(bias4, (q.shape[0], 1, q.shape[1], k.shape[1])).astype(q.dtype)
+    else:
+      bias4 = bias4.astype(jnp.float32)
+  y = jax.nn.dot_product_attention(q, k, v, bias=bias4, mask=mask, scale=scale,
+                                   key_value_seq_lengths=lengths, implementation=impl)
+  return y[..., :hd]
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -184,15 +325,22 @@ class MultiHeadDotProductAttention(nn.Module):
   real keys; ``bias (B, L)`` is added to every query's logit for that key. Returns
   ``(out (B, Q, D), keys (B, L, head_dim))``, the keys averaged over heads.
 
-  Queries are scaled by ``1/sqrt(head_dim)``; logits and softmax are float32 whatever
-  ``dtype_mm`` is.
+  Logits are ``q k^T / sqrt(head_dim)`` and the softmax runs in float32 whatever
+  ``dtype_mm`` is. ``implementation``, ``bias_mode`` and ``mask_is_prefix`` choose
+  the kernel (``ATTENTION_IMPLS``, ``ATTENTION_BIAS``, :func:`fused_attention`);
+  they change no parameter and, beyond rounding, no value.
   """
 
   num_heads: int
   dtype_mm: Any = "float32"
+  implementation: str = "auto"
+  bias_mode: str = "add"
+  mask_is_prefix: bool = False
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, token_mask=None, bias=None):
+    _check_choice(self.implementation, ATTENTION_IMPLS, "attention")
+    _check_choice(self.bias_mode, ATTENTION_BIAS, "attention_bias")
     d = inputs_kv.shape[-1]
     if d % self.num_heads:
       raise ValueError(f"width {d} is not divisible by num_heads={self.num_heads}")
@@ -204,15 +352,11 @@ class MultiHeadDotProductAttention(nn.Module):
     q = dense(heads, axis=-1, name="query")(inputs_q)  # (B, Q, H, hd)
     k = dense(heads, axis=-1, name="key")(inputs_kv)  # (B, L, H, hd)
     v = dense(heads, axis=-1, name="value")(inputs_kv)  # (B, L, H, hd)
-    q = q / jnp.sqrt(head_dim).astype(q.dtype)
-
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-    if bias is not None:
-      logits = logits + bias[:, None, None, :].astype(jnp.float32)
-    if token_mask is not None:
-      logits = jnp.where(token_mask[:, None, None, :], logits, MASKED_LOGIT)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    if self.implementation == "manual":
+      y = manual_attention(q, k, v, token_mask, bias)
+    else:
+      y = fused_attention(q, k, v, token_mask, bias, implementation=self.implementation,
+                          bias_mode=self.bias_mode, mask_is_prefix=self.mask_is_prefix)
     out = dense(inputs_q.shape[-1], axis=(-2, -1), name="out")(y)
     return out, jnp.mean(k, axis=-2)
 
@@ -235,30 +379,37 @@ class Encoder1DBlock(nn.Module):
   merge: Any = None
   layer: int = 0  # this block's index, handed to the merge hook
   num_special: int = 0  # leading tokens the merge leaves alone (the class token)
+  dtype: Any = "float32"  # residual stream, LayerNorm outputs, GELU
+  attention: str = "auto"  # ATTENTION_IMPLS
+  attention_bias: str = "add"  # ATTENTION_BIAS
+  mask_is_prefix: bool = False  # token masks hold the real tokens first
 
   @nn.compact
   def __call__(self, x, token_mask=None, size=None, deterministic=True):
     out = {}
     prop_attn = self.prop_attn or getattr(self.merge, "prop_attn", False)
     bias = jnp.log(size) if (prop_attn and size is not None) else None
-    y = nn.LayerNorm(epsilon=LN_EPS)(x)
-    y, keys = MultiHeadDotProductAttention(self.num_heads, self.dtype_mm)(
-        y, y, token_mask=token_mask, bias=bias)
+    # LayerNorm statistics are float32 in any dtype (flax); its output is self.dtype.
+    y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype)(x)
+    y, keys = MultiHeadDotProductAttention(
+        self.num_heads, self.dtype_mm, implementation=self.attention,
+        bias_mode=self.attention_bias, mask_is_prefix=self.mask_is_prefix)(
+            y, y, token_mask=token_mask, bias=bias)
     out["sa"] = y
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
-    x = out["+sa"] = x + y
+    x = out["+sa"] = (x + y).astype(jnp.promote_types(x.dtype, self.dtype))
 
     # ------------------- MERGE HOOK (eq. 15: x = MaMe(x)) -------------------
     x, token_mask, size, out["merge"] = merge_hook(
         self.merge, self.layer, self.num_special, x, token_mask, size, keys)
     # ------------------------------------------------------------------------
 
-    y = nn.LayerNorm(epsilon=LN_EPS)(x)
+    y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype)(x)
     y = out["mlp"] = MlpBlock(
         mlp_dim=self.mlp_dim, dropout=self.dropout, dtype_mm=self.dtype_mm,
-        gelu_approximate=self.gelu_approximate)(y, deterministic)
+        gelu_approximate=self.gelu_approximate, dtype=self.dtype)(y, deterministic)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
-    x = out["+mlp"] = x + y
+    x = out["+mlp"] = (x + y).astype(jnp.promote_types(x.dtype, self.dtype))
     return x, token_mask, size, out
 
 
@@ -293,6 +444,10 @@ class Encoder(nn.Module):
   merge: Any = None
   final_norm: bool = True
   num_special: int = 0
+  dtype: Any = "float32"
+  attention: str = "auto"
+  attention_bias: str = "add"
+  mask_is_prefix: bool = False
 
   @nn.compact
   def __call__(self, x, token_mask=None, size=None, deterministic=True):
@@ -300,7 +455,8 @@ class Encoder(nn.Module):
     block_kw = dict(
         mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
         dtype_mm=self.dtype_mm, gelu_approximate=self.gelu_approximate,
-        prop_attn=self.prop_attn)
+        prop_attn=self.prop_attn, dtype=self.dtype, attention=self.attention,
+        attention_bias=self.attention_bias, mask_is_prefix=self.mask_is_prefix)
     if self.scan:
       if self.merge is not None:
         raise ValueError(
@@ -334,7 +490,7 @@ class Encoder(nn.Module):
     out["pre_ln"] = x
     out["tokens_per_block"] = jnp.stack(counts, axis=1)
     if self.final_norm:
-      x = nn.LayerNorm(epsilon=LN_EPS, name="encoder_norm")(x)
+      x = nn.LayerNorm(epsilon=LN_EPS, name="encoder_norm", dtype=self.dtype)(x)
     return x, token_mask, size, out
 
 
@@ -348,14 +504,17 @@ class MAPHead(nn.Module):
   num_heads: int = 12
   dtype_mm: Any = "float32"
   gelu_approximate: bool = True
+  attention: str = "auto"
+  mask_is_prefix: bool = False
 
   @nn.compact
   def __call__(self, x, token_mask=None):
     n, _, d = x.shape
     probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d), jnp.float32)
     probe = jnp.broadcast_to(probe, (n, 1, d))
-    y, _ = MultiHeadDotProductAttention(self.num_heads, self.dtype_mm)(
-        probe, x, token_mask=token_mask)
+    y, _ = MultiHeadDotProductAttention(
+        self.num_heads, self.dtype_mm, implementation=self.attention,
+        mask_is_prefix=self.mask_is_prefix)(probe, x, token_mask=token_mask)
     z = nn.LayerNorm(epsilon=LN_EPS)(y)
     y = y + MlpBlock(mlp_dim=self.mlp_dim, dtype_mm=self.dtype_mm,
                      gelu_approximate=self.gelu_approximate)(z)
@@ -396,6 +555,16 @@ class _Model(nn.Module):
     merge: opaque, hashable merge configuration handed to every block's merge hook.
       With a merge, ``token_mask`` starts all True and ``size`` all ones; without one
       both stay ``None`` and the model costs what big_vision's does.
+    dtype: of the activations from the patch embedding to ``encoder_norm``: the
+      residual stream, LayerNorm outputs (their statistics are float32 anyway) and
+      GELU. ``dtype="bfloat16", dtype_mm="bfloat16"`` is bf16 inference end to end;
+      the merge arithmetic stays float32 (``mame`` and ``tome`` upcast), ToMe's
+      sizes stay float32, and pooling and the head run in float32 (cheap: one
+      vector per image), so the output is float32.
+    attention: "auto" (default), "xla", "cudnn" or "manual" (``ATTENTION_IMPLS``).
+    attention_bias: "add" or "fold": how ToMe's ``log(size)`` reaches the kernel.
+    attention_mask: "auto", "mask" or "lengths": how padding reaches the kernel
+      (``ATTENTION_MASK``).
   """
 
   num_classes: Optional[int] = None
@@ -418,12 +587,26 @@ class _Model(nn.Module):
   input_norm: Optional[tuple] = None
   prop_attn: bool = False
   merge: Any = None
+  dtype: Any = "float32"
+  attention: str = "auto"
+  attention_bias: str = "add"
+  attention_mask: str = "auto"
 
   @property
   def has_class_token(self) -> bool:
     if self.class_token is None:
       return self.pool_type == "tok"
     return bool(self.class_token)
+
+  @property
+  def mask_is_prefix(self) -> bool:
+    """Whether attention may take padding as key lengths: MaMe and ToMe keep the
+    real tokens first (``attention_mask="auto"``), an arbitrary merge may not."""
+    _check_choice(self.attention_mask, ATTENTION_MASK, "attention_mask")
+    if self.attention_mask != "auto":
+      return self.attention_mask == "lengths"
+    from mame_jax.models import merging  # pylint: disable=import-outside-toplevel
+    return isinstance(self.merge, (merging.MergeConfig, merging.ToMeConfig))
 
   @nn.compact
   def __call__(self, image, *, train=False):
@@ -442,7 +625,7 @@ class _Model(nn.Module):
         self.width, patch, strides=patch, padding="VALID", name="embedding",
         dtype=self.dtype_mm, param_dtype=jnp.float32)(image)
     n, h, w, d = x.shape
-    x = x.reshape(n, h * w, d).astype(jnp.float32)
+    x = x.reshape(n, h * w, d).astype(self.dtype)
 
     # Position embeddings go on the patches, before the class token is prepended.
     if self.posemb == "learn":
@@ -452,12 +635,12 @@ class _Model(nn.Module):
       pos = posemb_sincos_2d(h, w, d)
     else:
       raise ValueError(f"Unknown posemb type {self.posemb!r}")
-    x = out["with_posemb"] = x + pos
+    x = out["with_posemb"] = x + pos.astype(self.dtype)
 
     num_prefix = 0
     if self.has_class_token:
       cls = self.param("cls", nn.initializers.zeros, (1, 1, d), jnp.float32)
-      x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, d)), x], axis=1)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, d)), x], axis=1)
       num_prefix = 1
     x = nn.Dropout(rate=self.dropout)(x, not train)
 
@@ -471,11 +654,16 @@ class _Model(nn.Module):
         dropout=self.dropout, scan=self.scan, remat_policy=self.remat_policy,
         dtype_mm=self.dtype_mm, gelu_approximate=self.gelu_approximate,
         prop_attn=self.prop_attn, merge=self.merge, final_norm=not self.fc_norm,
-        num_special=num_prefix, name="Transformer")(x, token_mask, size, deterministic=not train)
+        num_special=num_prefix, dtype=self.dtype, attention=self.attention,
+        attention_bias=self.attention_bias, mask_is_prefix=self.mask_is_prefix,
+        name="Transformer")(x, token_mask, size, deterministic=not train)
     out.update(enc)
     if token_mask is not None:
       out["token_mask"], out["size"] = token_mask, size
     out["encoded"] = x
+    # Pooling and the head see float32: one vector per image, and a bf16 mean over
+    # hundreds of tokens would lose digits the logits keep.
+    x = x.astype(jnp.float32)
 
     if self.pool_type == "tok":
       x = x[:, 0]
@@ -484,7 +672,8 @@ class _Model(nn.Module):
       x = masked_mean(x[:, num_prefix:], mask)
     elif self.pool_type == "map":
       x = MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-                  dtype_mm=self.dtype_mm,
+                  dtype_mm=self.dtype_mm, attention=self.attention,
+                  mask_is_prefix=self.mask_is_prefix,
                   gelu_approximate=self.gelu_approximate)(x, token_mask)
     if self.fc_norm:
       x = nn.LayerNorm(epsilon=LN_EPS, name="fc_norm")(x)

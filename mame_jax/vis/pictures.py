@@ -178,12 +178,37 @@ def _compiled(model):
   return run
 
 
+def tome_token_counts(start: int, r: int, num_blocks: int, num_special: int = 1) -> list:
+  """Tokens after each of ``num_blocks`` ToMe blocks that merge ``r`` from
+  ``start`` tokens: a block removes ``min(r, (n - num_special) // 2)`` of its
+  ``n`` (ToMe's clip: bipartite matching merges at most half the tokens), so a
+  large ``r`` is spent only in the early blocks."""
+  counts, n = [], int(start)
+  for _ in range(num_blocks):
+    n -= max(0, min(int(r), (n - num_special) // 2))
+    counts.append(n)
+  return counts
+
+
 def matched_tome_r(maps, layers: Sequence[int], num_special: int = 1) -> int:
-  """ToMe's ``r`` that removes, over ``layers``, about as many tokens as MaMe
-  did (batch mean), so that both rows end with similar token counts."""
-  start = maps[0].soft.shape[1] + num_special
-  end = float(np.mean(np.asarray(maps[max(layers)].num_tokens)))
-  return max(0, round((start - end) / max(len(layers), 1)))
+  """ToMe's ``r`` whose token count after the last of ``layers`` comes closest to
+  MaMe's there (batch mean), so that both rows remove about as many tokens.
+
+  ``r`` is the same in every ToMe block and is clipped per block
+  (:func:`tome_token_counts`), so ``r = removed / len(layers)`` falls short
+  whenever that ``r`` exceeds half of a late block's tokens (MaMe at tau=0.8 in
+  ViT-B/16's first 8 blocks: 197 -> 4 tokens, but ToMe r=24 ends at 15); the
+  search simulates the clip instead (ties: the smaller ``r``). Even so the two may
+  not meet exactly -- ToMe's counts move in steps -- so callers should print
+  both final counts (``draw``'s ``counts``).
+  """
+  layers = sorted(set(int(l) for l in layers))
+  start = int(maps[0].soft.shape[1]) + num_special
+  end = float(np.mean(np.asarray(maps[layers[-1]].num_tokens)))
+  best = min(range(start + 1),
+             key=lambda r: (abs(tome_token_counts(start, r, len(layers), num_special)[-1]
+                                - end), r))
+  return best
 
 
 def draw(model, params, images, *, tau: float = DEFAULT_TAU, layers: Sequence[int] = range(8),
@@ -216,9 +241,10 @@ def demo_figure(out_path, *, images: Sequence[str] = PHOTOS[:3], checkpoint=None
                 panel: int = 160, verbose: bool = True) -> pathlib.Path:
   """Figure 1 for the bundled ``skimage.data`` photographs, written to ``out_path``.
 
-  ``checkpoint``: a file ``load_model`` reads; without one a small randomly
-  initialised ViT (:func:`random_vit`) is used, and ``verbose`` says so.
-  ``tome_r``: an int, ``"match"`` (ToMe removes as many tokens as MaMe) or None
+  ``checkpoint``: what :func:`mame_jax.models.load.load_model` takes (a file, a
+  URL, a known name); without one a small randomly initialised ViT
+  (:func:`random_vit`) is used, and ``verbose`` says so.
+  ``tome_r``: an int, ``"match"`` (:func:`matched_tome_r`) or None
   (no ToMe row). ``layers``: default the first 8 blocks (the paper's
   training-free setting), or all of a shallower model's.
   """
