@@ -128,9 +128,7 @@ def parse(argv=None):
   s = argparse.SUPPRESS
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                    argument_default=s)
-  parser.add_argument("--config", metavar="FILE.py[:ARG]",
-                      help="a config file (get_config(ARG)); --config.a.b=VALUE overrides "
-                           "a field of it")
+  flags_lib.add_config_flag(parser)
   parser.add_argument("--workdir", default=None,
                       help="write the resolved config (config.json) and the metrics of "
                            "every step (metrics.jsonl) here")

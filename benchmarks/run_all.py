@@ -66,6 +66,7 @@ def render(op: dict, vit: dict, command: str, render_only: bool = False) -> str:
     if "tokens_per_layer" in row:
       lines.append(f"- {row['model']} {row['method']}: {row['tokens_per_layer']}")
   lines += ["", "## Targets: met and missed", ""] + targets(vit)
+  lines += gpu_section()
   full = pathlib.Path("results/merge_op.md")
   if full.exists() and "--quick" in op["command"] and "--quick" not in full.read_text():
     lines += ["", "## The full op grid (a separate run)", "",
@@ -73,6 +74,36 @@ def render(op: dict, vit: dict, command: str, render_only: bool = False) -> str:
               "ratios, not the milliseconds. Its first line is its command.", "",
               full.read_text().strip()]
   return "\n".join(lines) + "\n"
+
+
+GPU_COLUMNS = ["model", "batch", "method", "images_per_s", "iqr_ms", "gflops_per_image",
+               "measured_speedup", "ideal_speedup", "measured_over_ideal", "compile_s"]
+
+
+def gpu_section() -> list[str]:
+  """``python -m benchmarks.gpu`` results (``results/gpu_*.json``), each with its
+  command and device; a file from a CPU is a smoke run of the script, not a
+  figure, and is said to be one."""
+  out = ["", "## GPU path: `python -m benchmarks.gpu`", ""]
+  files = sorted(pathlib.Path("results").glob("gpu_*.json"))
+  on_gpu = []
+  for path in files:
+    run = json.loads(path.read_text())
+    if run["device"]["platform"] != "gpu":
+      out.append(f"- `{run['command']}` ({run['device']['description']}, {run['date']}, "
+                 f"`{path}`): a smoke run of the script on a CPU, to check that it runs "
+                 f"end to end ({run['total_s']:.0f} s); its timings are not GPU figures.")
+      continue
+    on_gpu.append(run)
+    out += [f"`{run['command']}` -- {run['device']['description']}, {run['date']}", "",
+            format_table(run["rows"], GPU_COLUMNS), ""]
+  if not on_gpu:
+    out.append("- No GPU figures yet: no GPU has run `python -m benchmarks.gpu --json "
+               "results/gpu_<device>.json`. The GPU targets (ViT-B/16, bf16, batch 1024: "
+               "baseline >= 6,000 img/s and >= timm; MaMe >= 0.9 of its ideal speedup and "
+               ">= 10,000 img/s; MaMe >= 1.05x ToMe at equal FLOPs; MaMe's own operations "
+               "<= 5%) are not measured.")
+  return out
 
 
 def targets(vit: dict) -> list[str]:

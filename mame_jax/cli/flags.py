@@ -283,14 +283,34 @@ def label_map_from(value):
 # The short flags of eval and calibrate
 
 
+def add_config_flag(parser: argparse.ArgumentParser) -> None:
+  """``--config FILE.py[:ARG]`` in a command's help (``resolve`` reads it)."""
+  parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE.py[:ARG]",
+                      help="a config file (get_config(ARG)); --config.a.b=VALUE "
+                           "overrides a field of it")
+
+
+def checked_text(check: Callable[[str], object]) -> Callable[[str], str]:
+  """An argparse ``type`` that keeps the text of an option after ``check(text)``
+  accepts it; ``check``'s ``ValueError`` becomes argparse's error message as it
+  is (argparse would otherwise replace it with "invalid value")."""
+
+  def parse(text: str) -> str:
+    try:
+      check(text)
+    except ValueError as e:
+      raise argparse.ArgumentTypeError(str(e)) from e
+    return text
+
+  return parse
+
+
 def add_common_flags(parser: argparse.ArgumentParser, preprocess_choices=None) -> dict:
   """The short flags shared by ``eval`` and ``calibrate``; returns their
   shorthands (``dest`` -> config field). Defaults are ``SUPPRESS``: only the
   flags given take part."""
   s = argparse.SUPPRESS
-  parser.add_argument("--config", default=s, metavar="FILE.py[:ARG]",
-                      help="a config file (get_config(ARG)); --config.a.b=VALUE "
-                           "overrides a field of it")
+  add_config_flag(parser)
   parser.add_argument("--checkpoint", default=s,
                       help="model.checkpoint: checkpoint file or URL (.npz big_vision/"
                            "AugReg, timm .safetensors/.pth); URLs are cached in "

@@ -18,14 +18,6 @@ from mame_jax.models.vit import image_size_of
 from mame_jax.vis import pictures
 
 
-def _layers(text: str) -> str:
-  try:
-    parse_layers(text)
-  except ValueError as e:
-    raise argparse.ArgumentTypeError(str(e)) from e
-  return text
-
-
 def _tome_r(text) -> Optional[object]:
   """``merge.tome_r`` (text: an int >= 0 or ``match``; ``None``: no ToMe) -> the
   ``tome_r`` of ``pictures.draw``. The field is text because it may be a word."""
@@ -40,14 +32,6 @@ def _tome_r(text) -> Optional[object]:
   return r
 
 
-def _tome_r_flag(text: str) -> str:
-  try:
-    _tome_r(text)
-  except ValueError as e:
-    raise argparse.ArgumentTypeError(str(e)) from e
-  return text
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> dict:
   """The ``visualize`` short flags (for a subcommand parser); returns their
   shorthands (``dest`` -> config field of ``common.visualize_config``)."""
@@ -55,18 +39,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> dict:
   parser.add_argument("images", nargs="*", metavar="IMAGE", default=s,
                       help=f"visualize.images: image files or skimage.data names "
                            f"({', '.join(PHOTOS)}, ...)")
-  parser.add_argument("--config", default=s, metavar="FILE.py[:ARG]",
-                      help="a config file (get_config(ARG)); --config.a.b=VALUE "
-                           "overrides a field of it")
+  flags_lib.add_config_flag(parser)
   parser.add_argument("--checkpoint", default=s,
                       help="model.checkpoint: a checkpoint file, URL or known name "
                            "(big_vision/AugReg .npz, timm .safetensors); without it a small "
                            "randomly initialised ViT")
   parser.add_argument("--tau", type=float, default=s, help="merge.tau: MaMe threshold")
-  parser.add_argument("--tome-r", type=_tome_r_flag, default=s,
+  parser.add_argument("--tome-r", type=flags_lib.checked_text(_tome_r), default=s,
                       help="merge.tome_r: also draw ToMe with this r per merge layer "
                            "('match': as many tokens removed as MaMe)")
-  parser.add_argument("--layers", type=_layers, default=s,
+  parser.add_argument("--layers", type=flags_lib.checked_text(parse_layers), default=s,
                       help="merge.layers: one panel each, e.g. 0-7 or 0,2,4 (default: the "
                            "first 8 blocks)")
   parser.add_argument("--out", default=s, help="visualize.out: PNG to write")
