@@ -11,7 +11,10 @@ one file can describe a model, its merge and its data once for every command:
   ``preprocess`` (``auto``: by model family); ``arch``: ``vit.Model``
   attributes that win over the variant's or the checkpoint's.
 * ``merge``: the MaMe / ToMe settings: ``tau``, ``layers`` (a string such as
-  ``"0-7"`` or ``"3,6,9"``; ``None``: the first 8 blocks), ``tome_r``, ...
+  ``"0-7"`` or ``"3,6,9"``; ``None``: the first 8 blocks), ``tome_r``,
+  ``tome_recipe`` (ToMe's own settings for the model family: ``"timm"``,
+  proportional attention and a plain mean pool, or ``"mae"``, as ToMe's MAE
+  patch: no proportional attention and a size-weighted global pool), ...
 * ``input``: ``data``, ``split``, ``data_dir``, ``label_map``, ``batch_size``,
   ``limit`` (``None``: every image).
 * one part per command: ``eval``, ``calibrate``, ``visualize``, ``train``.
@@ -122,6 +125,7 @@ def eval_config() -> ml_collections.ConfigDict:
   config.merge = ml_collections.ConfigDict(dict(
       tau=(DEFAULT_TAU,),           # MaMe rows, one per threshold
       tome_r=(),                    # ToMe rows, one per r (every block)
+      tome_recipe="timm",           # ToMe's settings: timm (prop. attention) | mae
       layers=placeholder(str),      # MaMe blocks, e.g. "0-7"; None: the first 8
   ))
   config.input = input_config()
@@ -209,12 +213,14 @@ def table1_arg(arg, *, tome_r: int, **more) -> ml_collections.ConfigDict:
 
 
 def table1_config(arg, *, checkpoint: str, preprocess: str, tome_r: int,
-                  image_size: int = 224):
+                  image_size: int = 224, tome_recipe: str = "timm"):
   """The evaluation config shared by ``configs/*.py`` (one per Table 1 row).
 
   Rows: baseline, MaMe (``tau`` = 0.8, the first 8 blocks: the paper's
-  training-free default) and ToMe (``tome_r`` in every block, proportional
-  attention; r chosen for about half the baseline's FLOPs, as its Table 1 row).
+  training-free default) and ToMe (``tome_r`` in every block, r chosen for about
+  half the baseline's FLOPs, as its Table 1 row), run the way ToMe's own code
+  runs that family (``tome_recipe``): "timm" (DeiT, AugReg) with proportional
+  attention, "mae" (MAE) without it and with a size-weighted global pool.
   GFLOPs are XLA's count (2 FLOPs per multiply-add), about twice the paper's
   fvcore figures; throughput depends on device and dtype, so compare the
   speedup *ratios* with the paper's, not the images/s.
@@ -241,6 +247,7 @@ def table1_config(arg, *, checkpoint: str, preprocess: str, tome_r: int,
   config.merge.layers = "0-7"
   config.merge.tau = (arg.tau,)
   config.merge.tome_r = (arg.tome_r,) if arg.tome_r else ()
+  config.merge.tome_recipe = tome_recipe
   config.input.data = arg.data
   config.input.batch_size = arg.batch_size
   config.input.limit = arg.limit or None

@@ -8,10 +8,12 @@ Paper: Table 1, ViT-B (MAE): baseline 83.72% / 17.6 GFLOPs / 2130 img/s; MaMe
     mame-jax eval --config configs/mae_b.py --config.merge.tau='(0.7,0.9)' --limit 5000
     mame-jax calibrate --config configs/mae_b.py --target-speedup 2 --limit 10000
 
-Rows: baseline, MaMe (tau = 0.8, first 8 blocks) and ToMe (r = 16); the
-rows, the data, the GFLOPs convention and ``arg`` are described in
-``configs/common.py`` (``table1_config``); ``--config.a.b=value`` sets any other
-field, and the short flags (``--limit``, ``--tau``, ...) win over both.
+Rows: baseline, MaMe (tau = 0.8, first 8 blocks) and ToMe (r = 16) run by ToMe's
+MAE recipe (``merge.tome_recipe = "mae"``: no proportional attention, a
+size-weighted global pool); the rows, the data, the GFLOPs convention and
+``arg`` are described in ``configs/common.py`` (``table1_config``);
+``--config.a.b=value`` sets any other field, and the short flags (``--limit``,
+``--tau``, ...) win over both.
 
 Checkpoint: the *fine-tuned* MAE ViT-B/16 classifier the paper evaluates, from
 the MAE release (``mae_finetuned_vit_base.pth``). It is a PyTorch ``.pth``:
@@ -30,4 +32,5 @@ CHECKPOINT = "mae_b"
 
 
 def get_config(arg=None):
-  return common.table1_config(arg, checkpoint=CHECKPOINT, preprocess="timm", tome_r=16)
+  return common.table1_config(arg, checkpoint=CHECKPOINT, preprocess="timm", tome_r=16,
+                              tome_recipe="mae")

@@ -8,10 +8,12 @@ Paper: Table 1, ViT-L (MAE): baseline 85.95% / 61.6 GFLOPs / 758 img/s; MaMe
     mame-jax eval --config configs/mae_l.py --config.merge.tau='(0.7,0.9)' --limit 5000
     mame-jax calibrate --config configs/mae_l.py --target-speedup 2 --limit 10000
 
-Rows: baseline, MaMe (tau = 0.8, first 8 blocks) and ToMe (r = 8); the
-rows, the data, the GFLOPs convention and ``arg`` are described in
-``configs/common.py`` (``table1_config``); ``--config.a.b=value`` sets any other
-field, and the short flags (``--limit``, ``--tau``, ...) win over both.
+Rows: baseline, MaMe (tau = 0.8, first 8 blocks) and ToMe (r = 8) run by ToMe's
+MAE recipe (``merge.tome_recipe = "mae"``: no proportional attention, a
+size-weighted global pool); the rows, the data, the GFLOPs convention and
+``arg`` are described in ``configs/common.py`` (``table1_config``);
+``--config.a.b=value`` sets any other field, and the short flags (``--limit``,
+``--tau``, ...) win over both.
 
 Checkpoint: the *fine-tuned* MAE ViT-L/16 classifier the paper evaluates, from
 the MAE release (``mae_finetuned_vit_large.pth``). It is a PyTorch ``.pth``:
@@ -30,4 +32,5 @@ CHECKPOINT = "mae_l"
 
 
 def get_config(arg=None):
-  return common.table1_config(arg, checkpoint=CHECKPOINT, preprocess="timm", tome_r=8)
+  return common.table1_config(arg, checkpoint=CHECKPOINT, preprocess="timm", tome_r=8,
+                              tome_recipe="mae")

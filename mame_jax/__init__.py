@@ -5,10 +5,11 @@ from mame_jax.models.load import load_model
 from mame_jax.merge import MergeInfo, fusion_weights, mame, similarity_matrix
 from mame_jax.models.merging import MergeConfig, ToMeConfig
 from mame_jax.restore import mare
+from mame_jax.generation import mame_mare
 from mame_jax.eval.runner import Runner
 from mame_jax.models.vit import Model
 
 __version__ = "0.1.0"
 
 __all__ = ["MergeConfig", "MergeInfo", "Model", "Runner", "ToMeConfig", "fusion_weights",
-           "load_model", "load_params", "mame", "mare", "similarity_matrix"]
+           "load_model", "load_params", "mame", "mame_mare", "mare", "similarity_matrix"]

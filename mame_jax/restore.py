@@ -13,9 +13,14 @@ tokens' sum, because each fused destination's value is split into shares
 1/R_i and W^F_ij/R_i that add up to one. With nothing merged it is the identity.
 Preserved sources dropped by a too-small capacity have nothing to be restored
 from and come back as zeros (``info.dropped`` counts them).
+
+:func:`copy_back` is the other way to restore, ToMe-SD's "unmerge": no shares,
+every token receives a whole output (for comparisons with ToMe-SD).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -35,17 +40,36 @@ def mare(y, info: MergeInfo) -> jax.Array:
     (B, L, D) in ``y.dtype``, every token back at its original position;
     padded input positions are zero.
   """
+  _check_args(y, info)
+  return _restore(y, info, False)
+
+
+def copy_back(y, info: MergeInfo) -> jax.Array:
+  """Restores ToMe-SD's way (its ``unmerge``): ``y`` (B, L_out, D) -> (B, L, D).
+
+  No mass is split: a destination gets its own output ``y_i`` (not ``y_i / R_i``),
+  preserved sources and special tokens get their own, and a merged source ``j``
+  receives its destination's output: an exact copy when eq. (7) left it one
+  destination, and when it went into several, the mix
+  ``sum_i W^F_ij y_i / sum_i W^F_ij`` of their outputs (its own fusion weights,
+  normalised to sum to one). Same arguments, checks and padding rules as
+  :func:`mare`.
+  """
+  _check_args(y, info)
+  return _restore(y, info, True)
+
+
+def _check_args(y, info):
   check_tokens(y, "y")
   if not isinstance(info, MergeInfo):
     raise TypeError(f"info must be the MergeInfo returned by mame; got {type(info).__name__}")
   if tuple(y.shape[:2]) != tuple(info.token_mask.shape):
     raise ValueError(f"y must have shape (B, L_out, D) with (B, L_out) = "
                      f"{tuple(info.token_mask.shape)} from info; got {tuple(y.shape)}")
-  return _mare(y, info)
 
 
-@jax.jit
-def _mare(y, info):
+@functools.partial(jax.jit, static_argnums=2)
+def _restore(y, info, copy):
   ns, m = info.num_special, info.num_dst
   dtype = compute_dtype(y.dtype)
   yc = y.astype(dtype)
@@ -57,8 +81,15 @@ def _mare(y, info):
   pool_y = jnp.where(present[..., None], pool_y, 0)
   y_dst, y_src = pool_y[:, ns:ns + m], pool_y[:, ns + m:]
 
-  share = fusion / (1 + fusion.sum(-1, keepdims=True))      # W^F_ij / R_i
-  x_dst = y_dst / (1 + fusion.sum(-1, keepdims=True))       # (12)
+  if copy:
+    # Column-normalised weights: a merged source's column sums to 1 - O(eps) after
+    # eq. (8); dividing by the exact sum makes a single destination an exact copy.
+    col = fusion.sum(1, keepdims=True)
+    share = fusion / jnp.where(col > 0, col, 1)
+    x_dst = y_dst
+  else:
+    share = fusion / (1 + fusion.sum(-1, keepdims=True))    # W^F_ij / R_i
+    x_dst = y_dst / (1 + fusion.sum(-1, keepdims=True))     # (12)
   x_src = jnp.einsum("bmn,bmd->bnd", share, y_dst)          # (11)
   x_src = jnp.where(present[:, ns + m:, None], y_src, x_src)  # preserved: copied
 

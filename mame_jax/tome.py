@@ -11,8 +11,12 @@ One ToMe step removes exactly ``r`` tokens:
    merges.
 3. Each A token keeps its best B match; the ``r`` A tokens whose best match scores
    highest merge into that match, the other A tokens stay.
-4. Output order: unmerged A tokens in their original order (class token first), then
-   every B token in its original order. Length ``L - r``.
+4. Output order: the unmerged A tokens, then every B token in its original order.
+   Length ``L - r``. The unmerged A tokens come as ToMe leaves them: with a class
+   token, in their original order (ToMe re-sorts them so that the class token stays
+   first); without one, in decreasing order of their best match score, as ToMe's
+   ``argsort`` left them (``order="tome"``, the default). ``order="sorted"`` always
+   keeps the original order instead.
 
 Merging is a size-weighted average (``merge_wavg``): a token's size counts the
 input patches it stands for, and proportional attention (``prop_attn_bias``) adds
@@ -28,11 +32,20 @@ Choices where the reference leaves room, each tested:
 - ``r`` is clipped as in ToMe to ``(L - class_token) // 2`` ("at most 50%"), which
   equals ``|A| - 1`` with a class token and ``|B|`` without one.
 - ``r == 0`` (after clipping) is the identity: same order, same values, same sizes.
-- Unmerged A tokens are always kept in their original order. (ToMe re-sorts them only
-  when there is a class token; without one its order follows the match scores.)
+- ``order="tome"`` (default) reproduces ToMe's token order exactly, so a model with
+  no class token (SigLIP) sees the same sequence as under the reference code, and
+  later blocks (whose A/B split is by position) make the same merges.
+  ``order="sorted"`` re-sorts the unmerged A tokens by position in every case (this
+  library's behaviour before it matched ToMe): their order then no longer depends
+  on how their scores rank, so near-ties that rank differently on another backend
+  change which tokens merge but not where the kept ones sit. It is not ToMe: after
+  one block the sequences differ and later merges diverge. With a class token the
+  two orders are the same.
 - A token whose metric has zero norm has similarity 0 to every token (never NaN).
 - Ties are broken towards the lower index: the first best destination, and among
-  equal scores the earlier A token merges first.
+  equal scores the earlier A token merges first (and, unmerged, comes first).
+  PyTorch's descending ``argsort`` promises no order among ties; this is where the
+  two may differ.
 """
 
 from __future__ import annotations
@@ -44,6 +57,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+# How the unmerged A tokens are ordered in the output (see the module docstring).
+ORDERS = ("tome", "sorted")
+
 
 @flax.struct.dataclass
 class ToMeRecord:
@@ -53,9 +69,10 @@ class ToMeRecord:
   number of unmerged A tokens, ``r`` the number of merges, ``L_out = L - r``.
 
   Attributes:
-    unm_idx: ``(B, U)`` int32, input positions of the A tokens that stay, ascending
-      (so the class token, when present, comes first). With ``r == 0`` this is every
-      A position.
+    unm_idx: ``(B, U)`` int32, input positions of the A tokens that stay, in their
+      output order: ascending with a class token (which so comes first) or with
+      ``order="sorted"``, else in decreasing order of their match score (ToMe's).
+      With ``r == 0`` this is every A position, ascending.
     src_idx: ``(B, r)`` int32, input positions of the A tokens that merge, in
       decreasing order of their match score.
     dst_idx: ``(B, r)`` int32, input position of the B token that ``src_idx[:, k]``
@@ -109,8 +126,15 @@ def _compute_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def _check_order(order) -> str:
+  if order not in ORDERS:
+    raise ValueError(f"order must be one of {ORDERS}; got {order!r}")
+  return order
+
+
 def bipartite_soft_matching(
-    metric: jax.Array, r: int, *, class_token: bool = True) -> ToMeRecord:
+    metric: jax.Array, r: int, *, class_token: bool = True, order: str = "tome",
+) -> ToMeRecord:
   """ToMe's bipartite soft matching on ``metric``; removes ``r`` tokens.
 
   Args:
@@ -119,27 +143,35 @@ def bipartite_soft_matching(
     r: static non-negative int, tokens to remove. Clipped to
       ``(L - class_token) // 2``; 0 means no change.
     class_token: whether position 0 is a class token that must never merge.
+    order: "tome" (ToMe's output order: unmerged A tokens by position with a class
+      token, by decreasing match score without one) or "sorted" (by position
+      always); see the module docstring.
 
   Returns:
     A ``ToMeRecord`` (index arrays only); apply it with ``merge_wavg``.
 
   Raises:
-    ValueError: if ``metric`` is not rank 3 or ``r`` is not a non-negative int.
+    ValueError: if ``metric`` is not rank 3, ``r`` is not a non-negative int or
+      ``order`` is unknown.
   """
   metric = jnp.asarray(metric)
   _check_rank3(metric, "metric", "(B, L, C)")
   r = _check_r(r)
+  _check_order(order)
   # ToMe caps one step at half of the mergeable tokens.
   r = max(0, min(r, (metric.shape[1] - int(class_token)) // 2))
-  return _match(metric, r, bool(class_token))
+  # ToMe re-sorts only to put the class token back in front.
+  resort = bool(class_token) or order == "sorted"
+  return _match(metric, r, bool(class_token), resort)
 
 
 # Jitted cores: the public functions check their arguments in Python and call
 # these, so eager calls run one compiled program instead of dozens of small ops;
 # under an outer jit they are simply inlined.
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _match(metric: jax.Array, r: int, class_token: bool) -> ToMeRecord:
-  """``bipartite_soft_matching`` after validation; ``r`` is already clipped."""
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _match(metric: jax.Array, r: int, class_token: bool, resort: bool) -> ToMeRecord:
+  """``bipartite_soft_matching`` after validation; ``r`` is already clipped;
+  ``resort``: put the unmerged A tokens back in their original order."""
   batch, length, _ = metric.shape
   n_a, n_b = (length + 1) // 2, length // 2
   a_pos = jnp.arange(0, length, 2, dtype=jnp.int32)
@@ -170,16 +202,19 @@ def _match(metric: jax.Array, r: int, class_token: bool) -> ToMeRecord:
   # Descending by score; stable so that ties go to the earlier token.
   order = jnp.argsort(-best, axis=-1, stable=True).astype(jnp.int32)
   src_a = order[:, :r]                                      # (B, r) index in A
-  unm_a = jnp.sort(order[:, r:], axis=-1)                   # (B, U) index in A
+  unm_a = order[:, r:]                                      # (B, U) index in A
+  if resort:
+    unm_a = jnp.sort(unm_a, axis=-1)
   dst_b = jnp.take_along_axis(best_dst, src_a, axis=1)      # (B, r) index in B
 
-  # source: an unmerged A token goes to its rank among the kept ones, a merged A
-  # token to the output slot of its destination, B token j to slot U + j.
+  # source: unmerged A token unm_a[k] goes to output slot k, a merged A token to the
+  # output slot of its destination, B token j to slot U + j.
   n_unm = n_a - r
   rows = jnp.arange(batch)[:, None]
   merged = jnp.zeros((batch, n_a), bool).at[rows, src_a].set(True)  # (B, |A|)
-  kept_rank = jnp.cumsum(~merged, axis=-1, dtype=jnp.int32) - 1
-  src_of_a = jnp.where(merged, n_unm + best_dst, kept_rank)
+  kept_slot = jnp.zeros((batch, n_a), jnp.int32).at[rows, unm_a].set(
+      jnp.arange(n_unm, dtype=jnp.int32))
+  src_of_a = jnp.where(merged, n_unm + best_dst, kept_slot)
   src_of_b = jnp.broadcast_to(n_unm + jnp.arange(n_b, dtype=jnp.int32),
                               (batch, n_b))
   # Interleave back to input order: A at even positions, B at odd ones.
@@ -255,7 +290,7 @@ def _merge_wavg(record: ToMeRecord, x: jax.Array, size: jax.Array | None
 
 def tome(
     x: jax.Array, r: int, *, metric: jax.Array | None = None,
-    size: jax.Array | None = None, class_token: bool = True,
+    size: jax.Array | None = None, class_token: bool = True, order: str = "tome",
 ) -> tuple[jax.Array, jax.Array, ToMeRecord]:
   """One ToMe step: match on ``metric`` (default ``x``), merge ``x`` by size.
 
@@ -267,6 +302,8 @@ def tome(
       ``None`` uses ``x``.
     size: ``(B, L)`` token sizes; ``None`` means all ones.
     class_token: whether position 0 is a class token that never merges.
+    order: "tome" or "sorted", the output order of the unmerged tokens (see
+      ``bipartite_soft_matching``).
 
   Returns:
     ``(x_out (B, L - r, D), size_out (B, L - r), record)``.
@@ -281,7 +318,7 @@ def tome(
     if metric.shape[:2] != x.shape[:2]:
       raise ValueError(f"metric has (B, L) = {metric.shape[:2]} but x has "
                        f"{x.shape[:2]}")
-  record = bipartite_soft_matching(metric, r, class_token=class_token)
+  record = bipartite_soft_matching(metric, r, class_token=class_token, order=order)
   x_out, size_out = merge_wavg(record, x, size)
   return x_out, size_out, record
 

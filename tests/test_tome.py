@@ -9,10 +9,15 @@ from mame_jax.tome import (bipartite_soft_matching, merge_wavg, prop_attn_bias,
                            tome, track_source, unmerge)
 
 
-def _reference_tome(x, metric, size, r, class_token):
+def _reference_tome(x, metric, size, r, class_token, order="tome"):
   """Bipartite soft matching + size-weighted merge, transcribed from the paper
-  in float64 loops. Returns (x_out, size_out, unmerged A positions, merged
-  (source position, destination position) pairs in merge order)."""
+  and from ToMe's code (facebookresearch/ToMe, tome/merge.py) in float64 loops.
+  Returns (x_out, size_out, unmerged A positions in output order, merged
+  (source position, destination position) pairs in merge order).
+
+  Output order as ToMe's ``merge``: the unmerged A tokens as its descending
+  argsort of the best scores left them -- re-sorted by position only when there
+  is a class token (``order="sorted"``: always) -- then every B token."""
   x, metric, size = (np.asarray(a, np.float64) for a in (x, metric, size))
   batch, length, _ = x.shape
   r = min(r, (length - int(class_token)) // 2)
@@ -29,9 +34,11 @@ def _reference_tome(x, metric, size, r, class_token):
         sims = [-np.inf] * len(b_pos)
       best.append(max(sims))
       match.append(b_pos[int(np.argmax(sims))])
-    order = np.argsort(-np.asarray(best), kind="stable")
-    merged = [(a_pos[k], match[k]) for k in order[:r]]
-    unm = sorted(a_pos[k] for k in order[r:])
+    ranked = np.argsort(-np.asarray(best), kind="stable")
+    merged = [(a_pos[k], match[k]) for k in ranked[:r]]
+    unm = [a_pos[k] for k in ranked[r:]]
+    if class_token or order == "sorted":
+      unm = sorted(unm)
     # Each output token collects its own input token plus what merged into it.
     groups = [[i] for i in unm] + [[j] for j in b_pos]
     slot = {g[0]: n for n, g in enumerate(groups)}
@@ -260,3 +267,199 @@ def test_bad_input_raises_value_error_naming_the_argument(call, match):
 def test_traced_r_raises_value_error():
   with pytest.raises(ValueError, match=r"r must be a static"):
     jax.jit(tome)(jnp.zeros((1, 4, 8)), 1)
+
+
+# ----------------------------------------------------------------------------
+# ToMe's own token order, over consecutive blocks
+
+
+def _two_blocks(x, size, r, class_token, order, reference):
+  """Two ToMe steps in a row, each matching on its own input (metric = x):
+  ``(x, size, [unm_idx of each step])``, by mame_jax.tome or the reference."""
+  unms = []
+  for _ in range(2):
+    if reference:
+      x, size, unm, _ = _reference_tome(x, x, size, r, class_token, order)
+    else:
+      x, size, rec = _np(tome(x, r, size=size, class_token=class_token, order=order))
+      unm = rec.unm_idx
+    unms.append(unm)
+  return x, size, unms
+
+
+def test_without_class_token_unmerged_tokens_keep_score_order_over_two_blocks():
+  # SigLIP's case: no class token. ToMe leaves the unmerged A tokens in the order
+  # of their match scores; the second block's A/B split then sees that order.
+  x, _, size = _inputs(7, 2, 16)
+  got_x, got_size, got_unm = _two_blocks(x, size, 4, False, "tome", reference=False)
+  ref_x, ref_size, ref_unm = _two_blocks(x, size, 4, False, "tome", reference=True)
+  for got, ref in zip(got_unm, ref_unm):
+    np.testing.assert_array_equal(got, ref)
+  assert (np.diff(got_unm[0], axis=-1) < 0).any()  # really not by position
+  np.testing.assert_allclose(got_x, ref_x, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got_size, ref_size)
+  # The old order ("sorted") is a different sequence, and the second block's
+  # merges diverge from ToMe's.
+  sorted_x, _, sorted_unm = _two_blocks(x, size, 4, False, "sorted", reference=False)
+  _, _, ref_sorted_unm = _two_blocks(x, size, 4, False, "sorted", reference=True)
+  for got, ref in zip(sorted_unm, ref_sorted_unm):
+    np.testing.assert_array_equal(got, ref)
+  assert sorted_x.shape == got_x.shape and not np.allclose(sorted_x, got_x, atol=1e-3)
+
+
+def test_with_class_token_both_orders_are_the_sorted_one_over_two_blocks():
+  x, _, size = _inputs(8, 2, 17)
+  tome_run = _two_blocks(x, size, 4, True, "tome", reference=False)
+  sorted_run = _two_blocks(x, size, 4, True, "sorted", reference=False)
+  ref_run = _two_blocks(x, size, 4, True, "sorted", reference=True)
+  for a, b in zip(tome_run[2], sorted_run[2]):
+    np.testing.assert_array_equal(a, b)
+    assert (a[:, 0] == 0).all() and (np.diff(a, axis=-1) > 0).all()
+  np.testing.assert_array_equal(tome_run[0], sorted_run[0])
+  np.testing.assert_allclose(tome_run[0], ref_run[0], rtol=1e-5, atol=1e-5)
+
+
+def test_source_tracking_follows_the_score_order():
+  x, _, _ = _inputs(9, 2, 16)
+  ones = np.ones(x.shape[:2], np.float32)
+  x1, s1, rec1 = tome(x, 4, size=ones, class_token=False)
+  x2, s2, rec2 = _np(tome(x1, 3, size=s1, class_token=False))
+  src = np.asarray(track_source(rec2, track_source(rec1)))
+  for b in range(2):  # output token k holds exactly the inputs the map sends to k
+    for k in range(x2.shape[1]):
+      group = src[b] == k
+      np.testing.assert_allclose(s2[b, k], group.sum())
+      np.testing.assert_allclose(x2[b, k], x[b, group].mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_model_source_maps_without_class_token_match_the_token_sizes():
+  # A SigLIP-like model (no class token, gap): the source maps vis/sources.py
+  # builds from the records must agree with the sizes the blocks tracked.
+  from mame_jax.models.load import random_vit
+  from mame_jax.models.merging import ToMeConfig
+  from mame_jax.vis import sources
+  model, params = random_vit(32, depth=2, width=32, patch_size=8, class_token=False,
+                             pool_type="gap")
+  merge = ToMeConfig(r=4)
+  image = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+
+  @jax.jit
+  def f(params, image):
+    _, aux = model.clone(merge=merge).apply({"params": params}, image)
+    return sources.source_maps(aux, merge)[-1], aux["size"]
+  smap, size = _np(f(params, image))
+  assert size.shape == (2, 8)
+  for b in range(2):
+    np.testing.assert_array_equal(np.bincount(smap.hard[b], minlength=8), size[b])
+
+
+def test_bad_order_raises_value_error_naming_it():
+  from mame_jax.models.merging import ToMeConfig
+  with pytest.raises(ValueError, match=r"order must be one of"):
+    tome(np.zeros((1, 4, 8)), 1, order="score")
+  with pytest.raises(ValueError, match=r"ToMeConfig.order"):
+    ToMeConfig(order="score")
+  with pytest.raises(ValueError, match=r"ToMeConfig.pool"):
+    ToMeConfig(pool="max")
+  with pytest.raises(ValueError, match=r"ToMe recipe must be one of"):
+    ToMeConfig.recipe("deit")
+
+
+# ----------------------------------------------------------------------------
+# ToMe's MAE recipe: size-weighted global pool, no proportional attention
+
+
+@pytest.fixture(scope="module")
+def mae_model():
+  """A tiny MAE-style classifier: class token, gap over the other tokens, fc_norm."""
+  from mame_jax.models import vit
+  from mame_jax.models.load import random_params
+  model = vit.Model(5, width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=8,
+                    pool_type="gap", class_token=True, fc_norm=True, gelu_approximate=False)
+  params = random_params(model, 32, seed=1)
+  image = np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  return model, params, image
+
+
+def _apply(model, params, image, merge):
+  return _np(jax.jit(lambda p, i: model.clone(merge=merge).apply({"params": p}, i))(
+      params, image))
+
+
+def test_mae_recipe_pools_by_size_as_tome_mae_patch(mae_model):
+  from mame_jax.models.merging import ToMeConfig
+  model, params, image = mae_model
+  _, aux = _apply(model, params, image, ToMeConfig.recipe("mae", r=4))
+  x, size = aux["encoded"].astype(np.float64), aux["size"].astype(np.float64)
+  assert x.shape[1] == 17 - 4 - 4 and (size[:, 1:] > 1).any()
+  # ToMe's MAE forward_features: (x * size)[:, 1:].sum(1) / T, T = patch count.
+  pooled = (x * size[..., None])[:, 1:].sum(1) / 16
+  mean, var = pooled.mean(-1, keepdims=True), pooled.var(-1, keepdims=True)
+  ln = params["fc_norm"]
+  expected = (pooled - mean) / np.sqrt(var + 1e-6) * ln["scale"] + ln["bias"]
+  np.testing.assert_allclose(aux["head_input"], expected, rtol=1e-4, atol=1e-4)
+  # The timm recipe's plain mean is another vector.
+  plain = x[:, 1:].mean(1)
+  assert not np.allclose(pooled, plain, atol=1e-3)
+
+
+def test_mae_recipe_has_no_proportional_attention(mae_model):
+  from mame_jax.models.merging import ToMeConfig
+  model, params, image = mae_model
+  mae = ToMeConfig.recipe("mae", r=4)
+  assert (mae.prop_attn, mae.pool, mae.order) == (False, "size_weighted", "tome")
+  assert ToMeConfig.recipe("timm", r=4) == ToMeConfig(r=4)  # the defaults: timm's
+  assert (ToMeConfig().prop_attn, ToMeConfig().pool) == (True, "mean")
+  logits, _ = _apply(model, params, image, mae)
+  off, _ = _apply(model, params, image, ToMeConfig(r=4, prop_attn=False,
+                                                   pool="size_weighted"))
+  on, _ = _apply(model, params, image, ToMeConfig(r=4, prop_attn=True,
+                                                  pool="size_weighted"))
+  np.testing.assert_array_equal(logits, off)
+  assert not np.allclose(logits, on, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,recipe", [
+    ("mae_b", "mae"), ("mae_l", "mae"), ("mae_h", "mae"),
+    ("deit_s", "timm"), ("deit_b", "timm"), ("augreg_b16", "timm"),
+])
+def test_paper_config_rows_use_tome_own_recipe(name, recipe):
+  import os
+  from mame_jax.cli import flags
+  from mame_jax.eval import methods
+  from mame_jax.models import vit
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "configs", f"{name}.py")
+  config = flags.load_config_file(path)
+  assert config.merge.tome_recipe == recipe
+  rows = methods.build_methods(vit.Model(5, depth=12), (), config.merge.tome_r, None, (),
+                               config.merge.tome_recipe)
+  tome_rows = [m for m in rows if m.kind == "tome"]
+  assert len(tome_rows) == 1 and tome_rows[0].r == config.merge.tome_r[0]
+  merge = tome_rows[0].merge
+  want = (False, "size_weighted") if recipe == "mae" else (True, "mean")
+  assert (merge.prop_attn, merge.pool) == want and merge.layers is None
+
+
+def test_eval_command_hands_the_config_recipe_to_evaluate(monkeypatch):
+  from mame_jax import cli
+  from mame_jax.eval import loop
+  from mame_jax.models import load
+  calls = []
+
+  class Captured(Exception):
+    pass
+
+  def fake_evaluate(model, params, data_name, **kwargs):
+    calls.append(kwargs)
+    raise Captured
+
+  monkeypatch.setattr(load, "load_model", lambda source, **kw: load.random_vit(
+      32, depth=2, width=32, patch_size=8))
+  monkeypatch.setattr(loop, "evaluate", fake_evaluate)
+  for argv in (["--config", "configs/mae_b.py"],
+               ["--config", "configs/mae_b.py", "--config.merge.tome_recipe=timm"],
+               ["--config", "configs/deit_s.py"]):
+    with pytest.raises(Captured):
+      cli.main(["eval", *argv, "--data", "photos", "--limit", "2"])
+  assert [kw["tome_recipe"] for kw in calls] == ["mae", "timm", "timm"]

@@ -79,7 +79,8 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         target_speedup=cal_c.target_speedup, per_layer=cal_c.per_layer,
         merge_layers=parse_layers(config.merge.layers), tol=cal_c.tol,
         heldout=heldout, taus=[float(t) for t in config.merge.tau],
-        tome_r=[int(r) for r in config.merge.tome_r], batch_size=inp.batch_size,
+        tome_r=[int(r) for r in config.merge.tome_r], tome_recipe=config.merge.tome_recipe,
+        batch_size=inp.batch_size,
         limit=inp.limit, preprocess=kind, image_size=size, num_devices=ev.devices,
         runs=ev.runs, warmup=ev.warmup, progress=ev.progress)
   except (ValueError, FileNotFoundError) as e:

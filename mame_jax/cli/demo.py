@@ -43,7 +43,8 @@ def build_model(checkpoint=None, variant="Ti/16", image_size=224, *, timeout=10.
   ``note`` is one line saying which (with "offline" and "random" in it when the
   random model stands in)."""
   if checkpoint:
-    model, params = load.load_model(checkpoint, image_size=image_size, timeout=timeout)
+    model, params = load.load_model(checkpoint, image_size=image_size, timeout=timeout,
+                                    tower="img")
     return model, params, f"checkpoint {checkpoint} ({load.describe(model)})"
   return load.pretrained_or_random(DEMO_CHECKPOINT, timeout=timeout, image_size=image_size,
                                    fallback_variant=variant)

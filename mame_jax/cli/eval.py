@@ -41,6 +41,7 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
     result = loop.evaluate(
         model, params, inp.data, taus=[float(t) for t in config.merge.tau],
         tome_r=[int(r) for r in config.merge.tome_r], merge_layers=config.merge.layers,
+        tome_recipe=config.merge.tome_recipe,
         batch_size=inp.batch_size, limit=inp.limit, preprocess=m.preprocess,
         image_size=m.image_size, split=inp.split, data_dir=inp.data_dir,
         label_map=flags_lib.label_map_from(inp.label_map), num_devices=ev.devices,

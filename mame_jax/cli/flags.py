@@ -384,4 +384,4 @@ def load_model_from(config: ml_collections.ConfigDict, *, merge=None, seed: int 
   return load.load_model(m.checkpoint or None, variant=m.get("variant") or None,
                          num_classes=m.get("num_classes", 1000),
                          image_size=m.get("image_size") or None, merge=merge,
-                         dtype=m.get("dtype"), seed=seed, **arch)
+                         dtype=m.get("dtype"), seed=seed, tower="img", **arch)

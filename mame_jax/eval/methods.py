@@ -35,13 +35,21 @@ def describe_merge(merge) -> Method:
   raise TypeError(f"Unknown merge config {type(merge).__name__}")
 
 
+def tome_rows(tome_r=(), recipe: str = "timm") -> list:
+  """ToMe ``r`` values -> one ``ToMeConfig`` each (every block), with ToMe's own
+  settings for the model family (``ToMeConfig.recipe``: "timm" -- proportional
+  attention, plain mean pool -- or "mae" -- no proportional attention,
+  size-weighted pool). Entries that already are ``ToMeConfig`` pass as they are."""
+  return [r if isinstance(r, ToMeConfig) else ToMeConfig.recipe(recipe, r=int(r))
+          for r in tome_r]
 
-def build_methods(model, taus=(DEFAULT_TAU,), tome_r=(), merge_layers=None, extra=()) -> list:
-  """Baseline, then ``MergeConfig(tau, merge_layers)`` per tau, then
-  ``ToMeConfig(r)`` (every block, proportional attention) per r, then ``extra``
-  merge configs."""
+
+def build_methods(model, taus=(DEFAULT_TAU,), tome_r=(), merge_layers=None, extra=(),
+                  tome_recipe: str = "timm") -> list:
+  """Baseline, then ``MergeConfig(tau, merge_layers)`` per tau, then one ToMe row
+  per ``r`` in ``tome_r`` (every block, ``tome_recipe``'s settings: see
+  :func:`tome_rows`), then ``extra`` merge configs."""
   layers = default_layers(model.depth) if merge_layers is None else tuple(merge_layers)
   merges = ([None] + [MergeConfig(tau=float(t), layers=layers) for t in taus]
-            + [ToMeConfig(r=int(r)) for r in tome_r] + list(extra))
+            + tome_rows(tome_r, tome_recipe) + list(extra))
   return [describe_merge(m) for m in merges]
-

@@ -40,7 +40,10 @@ from mame_jax.models.vit import patch_grid
 
 
 def sequence_lengths(model, image_hw) -> tuple[int, int]:
-  """``(tokens entering block 0, num_special)`` for ``image_hw = (H, W)``."""
+  """``(tokens entering block 0, num_special)`` for ``image_hw = (H, W)``, or
+  ``(T, H, W)`` for a video model (which then answers itself)."""
+  if hasattr(model, "sequence_lengths"):
+    return model.sequence_lengths(image_hw)
   gh, gw = patch_grid(model, image_hw)
   ns = 1 if model.has_class_token else 0
   return gh * gw + ns, ns
@@ -136,7 +139,7 @@ class Runner:
     if not self.exact:
       out, aux = self.program(None, images.shape, records)(self.params, images)
       return out, _summarise(self.cfg, aux)
-    length, ns = sequence_lengths(self.model, images.shape[1:3])
+    length, ns = sequence_lengths(self.model, images.shape[1:-1])  # (H, W) / (T, H, W)
     if self.schedule is None:
       self.schedule = self._initial_schedule(length, ns)
     while True:

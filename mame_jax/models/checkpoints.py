@@ -390,6 +390,16 @@ def _meta_kwargs(meta: dict, source) -> dict:
   return kw
 
 
+def unwrap(flat: dict) -> dict:
+  """A flat dict without its wrapper: ``opt/target/...`` (the optimizer state
+  beside it dropped) or ``params/...`` (when every key has it); else as it is."""
+  if any(k.startswith("opt/target/") for k in flat):
+    return _subtree(flat, "opt/target/")
+  if flat and all(k.startswith("params/") for k in flat):
+    return _subtree(flat, "params/")
+  return flat
+
+
 def canonicalize(params, *, num_heads: Optional[int] = None, source="checkpoint"):
   """Any supported layout -> ``(canonical flat dict, model kwargs from the format)``.
 
@@ -402,10 +412,7 @@ def canonicalize(params, *, num_heads: Optional[int] = None, source="checkpoint"
   meta = _subtree(flat, "meta/")
   flat = {k: v for k, v in flat.items() if not k.startswith("meta/")}
   kwargs = _meta_kwargs(meta, source)
-  if any(k.startswith("opt/target/") for k in flat):
-    flat = _subtree(flat, "opt/target/")
-  elif flat and all(k.startswith("params/") for k in flat):
-    flat = _subtree(flat, "params/")
+  flat = unwrap(flat)
   if "embedding/kernel" not in flat and "img/embedding/kernel" in flat:
     flat = _subtree(flat, "img/")  # SigLIP: the image tower
 
@@ -493,7 +500,16 @@ def _fit(flat: dict, model, image_size, source) -> dict:
     if math.isqrt(pe.shape[1]) ** 2 == pe.shape[1] and pe.shape[2] == want.shape[2]:
       grid = vit.patch_grid(model, image_size)
       flat["pos_embedding"] = np.asarray(vit.resample_posemb(pe, grid))
+  params = check_fit(flat, expected, source)
+  if model.scan:
+    params = _stack_blocks(params)
+  return _unflatten(params)
 
+
+def check_fit(flat: dict, expected: dict, source) -> dict:
+  """``flat`` cast to ``expected``'s dtypes (flat ``{key: ShapeDtypeStruct}``), after
+  checking keys and shapes; raises one ``ValueError`` naming ``source`` and every
+  missing, unexpected and mismatched key with both shapes."""
   problems = []
   for k in sorted(expected.keys() - flat.keys()):
     problems.append(f"missing key {k!r}: the model expects shape {expected[k].shape}, "
@@ -510,17 +526,16 @@ def _fit(flat: dict, model, image_size, source) -> dict:
     raise ValueError(f"{source} does not fit the model:\n  "
                      + "\n  ".join(problems[:20]) + more)
 
-  params = {k: jnp.asarray(v, expected[k].dtype) for k, v in flat.items()}
-  if model.scan:
-    params = _stack_blocks(params)
-  return _unflatten(params)
+  return {k: jnp.asarray(v, expected[k].dtype) for k, v in flat.items()}
 
 
-def _stack_blocks(flat: dict) -> dict:
-  """``Transformer/encoderblock_{i}/...`` -> ``Transformer/encoderblock/...`` (L, ...)."""
+def _stack_blocks(flat: dict, encoder: str = "Transformer") -> dict:
+  """``{encoder}/encoderblock_{i}/...`` -> ``{encoder}/encoderblock/...`` (L, ...);
+  ``encoder`` is the encoder module's name (the text tower's is ``Encoder_0``)."""
+  block_re = re.compile(rf"^{re.escape(encoder)}/encoderblock_(\d+)/")
   out, per_layer = {}, {}
   for k, v in flat.items():
-    m = _BLOCK_RE.match(k)
+    m = block_re.match(k)
     if m:
       per_layer.setdefault(k[m.end():], {})[int(m.group(1))] = v
     else:
@@ -528,7 +543,7 @@ def _stack_blocks(flat: dict) -> dict:
   for rest, layers in per_layer.items():
     stack = jnp.stack if any(isinstance(a, jax.Array) for a in layers.values()) \
         else np.stack
-    out[f"Transformer/encoderblock/{rest}"] = stack([layers[i] for i in sorted(layers)])
+    out[f"{encoder}/encoderblock/{rest}"] = stack([layers[i] for i in sorted(layers)])
   return out
 
 

@@ -35,6 +35,9 @@ def check_images(model, params_or_image_size: Union[Mapping, int, tuple, None], 
   only (size; ``load_model(..., image_size=S)`` resamples them to another), and
   integer pixels would be taken as values far outside [-1, 1].
   """
+  if hasattr(model, "check_inputs"):  # a video model checks its own (B, T, H, W, 3)
+    model.check_inputs(params_or_image_size, images)
+    return
   shape = tuple(getattr(images, "shape", np.shape(images)))
   dtype = getattr(images, "dtype", None)
   if dtype is None:

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mame_jax.models import checkpoints, vit
+from mame_jax.models import checkpoints, siglip, videomae, vit
 
 CACHE_ENV = "MAME_JAX_CACHE"
 OFFLINE_ENV = "MAME_JAX_OFFLINE"
@@ -239,7 +239,7 @@ def matmul_dtype(dtype) -> dict:
 
 def load_model(source=None, *, variant: Optional[str] = None, num_classes: int = 1000,
                image_size=None, merge=None, dtype=None, seed: int = 0, cache_dir=None,
-               timeout: float = DEFAULT_TIMEOUT, **overrides):
+               timeout: float = DEFAULT_TIMEOUT, tower: Optional[str] = None, **overrides):
   """``(model, params)`` from a checkpoint, or a random model of ``variant``.
 
   Args:
@@ -266,6 +266,11 @@ def load_model(source=None, *, variant: Optional[str] = None, num_classes: int =
     cache_dir: where downloads go (default ``$MAME_JAX_CACHE`` or
       ``~/.cache/mame_jax``).
     timeout: seconds to wait for a connection and for each read of a download.
+    tower: for SigLIP / SigLIP 2 files (:mod:`~mame_jax.models.siglip`):
+      ``None`` (default) loads what the file holds -- a ``two_towers.Model`` for a
+      two-tower file, a ViT otherwise; ``"img"`` the image tower alone as a plain
+      ViT (what every ViT command wants); ``"txt"`` the text tower alone;
+      ``"both"`` the two towers, and an error naming what is missing otherwise.
     **overrides: ``vit.Model`` attributes that win over the inferred (or the
       variant's) ones, e.g. ``num_heads`` for a timm file off the standard table,
       ``scan=True``, ``pool_type="gap"``.
@@ -285,6 +290,9 @@ def load_model(source=None, *, variant: Optional[str] = None, num_classes: int =
                      "pass one")
   overrides = {**dtype_kw, **overrides}
   if source is None:
+    if tower not in (None, "img"):
+      raise ValueError(f"load_model(tower={tower!r}) needs a two-tower checkpoint; "
+                       "a random model is a ViT (tower='img')")
     if variant is None:
       raise ValueError("load_model: no model: pass a checkpoint (a file, a URL or one of "
                        f"the known names {', '.join(sorted(KNOWN))}) or a variant (e.g. "
@@ -292,7 +300,21 @@ def load_model(source=None, *, variant: Optional[str] = None, num_classes: int =
     model = vit.Model(num_classes, variant=variant, merge=merge,
                       **{"pool_type": "tok", **overrides})
     return model, random_params(model, image_size or 224, seed)
+  if (isinstance(source, str) and source in videomae.KNOWN_FOLDERS
+      and not os.path.exists(source)):  # a hub folder: its files one by one
+    files = {f: download(url, cache_dir=cache_dir, timeout=timeout)
+             for f, url in videomae.hub_urls(source).items()}
+    return videomae.load_files(files[videomae.CONFIG_FILE], [files[videomae.WEIGHTS_FILE]],
+                               merge=merge, image_size=image_size, source=source,
+                               **overrides)
   path = fetch(source, cache_dir=cache_dir, timeout=timeout)
+  if path.is_dir():  # transformers' folder layout (config.json + model.safetensors)
+    return videomae.load_model(path, merge=merge, image_size=image_size, **overrides)
+  if tower not in (None, "img") or (
+      tower is None and siglip.is_two_towers(siglip.file_keys(path))):
+    return siglip.load_model(path, tower=tower or "both", merge=merge,
+                             image_size=image_size, **overrides)
+  # A ViT file, or the image tower of a two-tower one (the reader takes img/).
   return checkpoints.load_model(path, merge=merge, image_size=image_size, **overrides)
 
 
@@ -405,7 +427,7 @@ def pretrained_or_random(source="augreg_b16", *, offline: Optional[bool] = None,
                            f"{_label(source)}, not a trained model")
   try:
     model, params = load_model(source, image_size=image_size, cache_dir=cache_dir,
-                               timeout=timeout)
+                               timeout=timeout, tower="img")
   except (OSError, ChecksumError) as e:
     model, params, what = fallback()
     return model, params, (f"could not get {_label(source)} (offline? {_one_line(e)}); "
@@ -422,5 +444,5 @@ def checkpoint_or_random(checkpoint=None):
     return model, params, (f"no checkpoint: using a randomly initialised ViT "
                            f"({describe(model)}); clusters follow the photographs' "
                            "colours, not what a trained model would merge")
-  model, params = load_model(checkpoint)
+  model, params = load_model(checkpoint, tower="img")
   return model, params, f"checkpoint {checkpoint} ({describe(model)})"

@@ -148,25 +148,59 @@ class MergeConfig:
     return y, info.token_mask, None, {"info": info}
 
 
+TOME_POOLS = ("mean", "size_weighted")
+# ToMe's own settings per model family (facebookresearch/ToMe, tome/patch/): its
+# timm patch turns proportional attention on for off-the-shelf models; its MAE patch
+# turns it off ("for MAE models, prop_attn should be set to false") and makes the
+# global average pool weigh each token by its size.
+TOME_RECIPES = {
+    "timm": dict(prop_attn=True, pool="mean"),
+    "mae": dict(prop_attn=False, pool="size_weighted"),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class ToMeConfig:
   """ToMe (Bolya et al. 2023) inside a model's blocks, for comparison.
+
+  The defaults are ToMe's timm recipe; :meth:`recipe` gives its MAE one.
 
   Attributes:
     r: tokens merged away per merging block (clipped to what a block can merge).
     layers: the merging blocks; ``None`` means every block.
     prop_attn: proportional attention, ``log(size)`` added to attention logits.
+    order: "tome" (ToMe's own output order) or "sorted" (unmerged tokens always
+      by position); see :mod:`mame_jax.tome`. They differ only without a class
+      token.
+    pool: how a ``pool_type="gap"`` model averages its final tokens: "mean" (each
+      token once, ToMe's timm patch) or "size_weighted" (each token by the number
+      of patches it holds, ToMe's MAE patch: the mean over the original patches).
   """
 
   r: int = 8
   layers: Optional[tuple] = None
   prop_attn: bool = True
+  order: str = "tome"
+  pool: str = "mean"
 
   def __post_init__(self):
     if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0:
       raise ValueError(f"ToMeConfig.r must be an int >= 0; got {self.r!r}")
     if self.layers is not None:
       object.__setattr__(self, "layers", _int_tuple(self.layers, "layers"))
+    for name, value, allowed in (("order", self.order, tome_lib.ORDERS),
+                                 ("pool", self.pool, TOME_POOLS)):
+      if value not in allowed:
+        raise ValueError(f"ToMeConfig.{name} must be one of {allowed}; got {value!r}")
+
+  @classmethod
+  def recipe(cls, name: str, **fields) -> "ToMeConfig":
+    """ToMe as its authors run it on a model family: ``name`` in
+    ``TOME_RECIPES`` ("timm": DeiT / AugReg / SigLIP; "mae": MAE fine-tuned
+    models); ``fields`` (``r``, ``layers``, ...) win over the recipe's."""
+    if name not in TOME_RECIPES:
+      raise ValueError(f"ToMe recipe must be one of {tuple(TOME_RECIPES)}; got {name!r}")
+    return cls(**{**TOME_RECIPES[name], **fields})
 
   def replace(self, **kw) -> "ToMeConfig":
     return dataclasses.replace(self, **kw)
@@ -177,7 +211,7 @@ class ToMeConfig:
     if self.r == 0 or (self.layers is not None and layer not in self.layers):
       return x, token_mask, size, {}
     y, size, record = tome_lib.tome(x, self.r, metric=keys, size=size,
-                                    class_token=num_special > 0)
+                                    class_token=num_special > 0, order=self.order)
     return y, jnp.ones(y.shape[:2], bool), size, {"record": record}
 
 

@@ -336,6 +336,10 @@ class MultiHeadDotProductAttention(nn.Module):
   implementation: str = "auto"
   bias_mode: str = "add"
   mask_is_prefix: bool = False
+  # False: the key projection has no bias (VideoMAE and BEiT learn only q and v
+  # biases); a key bias only shifts each query's logits by a constant, so it is
+  # left out rather than held at zero.
+  use_key_bias: bool = True
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, token_mask=None, bias=None):
@@ -350,7 +354,7 @@ class MultiHeadDotProductAttention(nn.Module):
         kernel_init=nn.initializers.xavier_uniform())
     heads = (self.num_heads, head_dim)
     q = dense(heads, axis=-1, name="query")(inputs_q)  # (B, Q, H, hd)
-    k = dense(heads, axis=-1, name="key")(inputs_kv)  # (B, L, H, hd)
+    k = dense(heads, axis=-1, name="key", use_bias=self.use_key_bias)(inputs_kv)  # (B, L, H, hd)
     v = dense(heads, axis=-1, name="value")(inputs_kv)  # (B, L, H, hd)
     if self.implementation == "manual":
       y = manual_attention(q, k, v, token_mask, bias)
@@ -383,6 +387,8 @@ class Encoder1DBlock(nn.Module):
   attention: str = "auto"  # ATTENTION_IMPLS
   attention_bias: str = "add"  # ATTENTION_BIAS
   mask_is_prefix: bool = False  # token masks hold the real tokens first
+  ln_eps: float = LN_EPS  # transformers' VideoMAE: 1e-12
+  use_key_bias: bool = True
 
   @nn.compact
   def __call__(self, x, token_mask=None, size=None, deterministic=True):
@@ -390,10 +396,11 @@ class Encoder1DBlock(nn.Module):
     prop_attn = self.prop_attn or getattr(self.merge, "prop_attn", False)
     bias = jnp.log(size) if (prop_attn and size is not None) else None
     # LayerNorm statistics are float32 in any dtype (flax); its output is self.dtype.
-    y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype)(x)
+    y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype)(x)
     y, keys = MultiHeadDotProductAttention(
         self.num_heads, self.dtype_mm, implementation=self.attention,
-        bias_mode=self.attention_bias, mask_is_prefix=self.mask_is_prefix)(
+        bias_mode=self.attention_bias, mask_is_prefix=self.mask_is_prefix,
+        use_key_bias=self.use_key_bias)(
             y, y, token_mask=token_mask, bias=bias)
     out["sa"] = y
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
@@ -404,7 +411,7 @@ class Encoder1DBlock(nn.Module):
         self.merge, self.layer, self.num_special, x, token_mask, size, keys)
     # ------------------------------------------------------------------------
 
-    y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype)(x)
+    y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype)(x)
     y = out["mlp"] = MlpBlock(
         mlp_dim=self.mlp_dim, dropout=self.dropout, dtype_mm=self.dtype_mm,
         gelu_approximate=self.gelu_approximate, dtype=self.dtype)(y, deterministic)
@@ -448,6 +455,8 @@ class Encoder(nn.Module):
   attention: str = "auto"
   attention_bias: str = "add"
   mask_is_prefix: bool = False
+  ln_eps: float = LN_EPS  # of every block's LayerNorms and encoder_norm
+  use_key_bias: bool = True
 
   @nn.compact
   def __call__(self, x, token_mask=None, size=None, deterministic=True):
@@ -456,7 +465,8 @@ class Encoder(nn.Module):
         mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
         dtype_mm=self.dtype_mm, gelu_approximate=self.gelu_approximate,
         prop_attn=self.prop_attn, dtype=self.dtype, attention=self.attention,
-        attention_bias=self.attention_bias, mask_is_prefix=self.mask_is_prefix)
+        attention_bias=self.attention_bias, mask_is_prefix=self.mask_is_prefix,
+        ln_eps=self.ln_eps, use_key_bias=self.use_key_bias)
     if self.scan:
       if self.merge is not None:
         raise ValueError(
@@ -490,7 +500,7 @@ class Encoder(nn.Module):
     out["pre_ln"] = x
     out["tokens_per_block"] = jnp.stack(counts, axis=1)
     if self.final_norm:
-      x = nn.LayerNorm(epsilon=LN_EPS, name="encoder_norm", dtype=self.dtype)(x)
+      x = nn.LayerNorm(epsilon=self.ln_eps, name="encoder_norm", dtype=self.dtype)(x)
     return x, token_mask, size, out
 
 
@@ -521,14 +531,19 @@ class MAPHead(nn.Module):
     return y[:, 0]
 
 
-def masked_mean(x, token_mask=None):
+def masked_mean(x, token_mask=None, size=None):
   """Mean over the real tokens: ``x (B, L, D), token_mask (B, L) | None -> (B, D)``.
 
-  Every real token counts once whatever its ToMe ``size``.
+  Every real token counts once whatever its ToMe ``size``, unless ``size (B, L)``
+  is given: then each weighs its size, which is the mean over the original patches
+  (ToMe's MAE global pool).
   """
-  if token_mask is None:
+  if token_mask is None and size is None:
     return jnp.mean(x, axis=1)
-  w = token_mask.astype(x.dtype)[..., None]
+  w = jnp.ones(x.shape[:2], x.dtype) if token_mask is None else token_mask.astype(x.dtype)
+  if size is not None:
+    w = w * size.astype(x.dtype)
+  w = w[..., None]
   return jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1)
 
 
@@ -669,7 +684,9 @@ class _Model(nn.Module):
       x = x[:, 0]
     elif self.pool_type == "gap":  # mean over the real, non-class tokens
       mask = None if token_mask is None else token_mask[:, num_prefix:]
-      x = masked_mean(x[:, num_prefix:], mask)
+      # ToMe's MAE recipe weighs each token by its size (ToMeConfig.pool).
+      weighted = size is not None and getattr(self.merge, "pool", None) == "size_weighted"
+      x = masked_mean(x[:, num_prefix:], mask, size[:, num_prefix:] if weighted else None)
     elif self.pool_type == "map":
       x = MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                   dtype_mm=self.dtype_mm, attention=self.attention,

@@ -1,0 +1,155 @@
+"""SigLIP's text tower in Flax linen, laid out like big_vision's
+``models/proj/image_text/text_transformer.py``.
+
+Parameter tree (what big_vision's ``.npz`` files hold under ``txt/``):
+
+    Embed_0/embedding (V, D)         token embeddings
+    pos_embedding (1, L, D)          learned, one row per position
+    Encoder_0/encoderblock_{i}/...   pre-LN blocks, the ViT's (scanned:
+                                     Encoder_0/encoderblock/... with a layer axis)
+    Encoder_0/encoder_norm
+    MAPHead_0/...                    only with pool_type="map"
+    head/{kernel (D, E), bias}       the projection into the joint space, when E is set
+
+The blocks are ``mame_jax.models.vit.Encoder``'s: big_vision's text transformer
+reuses its ViT encoder, so the numerics (LayerNorm eps 1e-6, tanh GELU, attention
+without a causal mask) are the image tower's.
+
+There is no padding mask. big_vision's text transformer attends over every
+position, padding included, and ``pool_type="last"`` reads the last position:
+with "sticky" EOS tokenisation (``mame_jax.tokenizers``) that is always either
+the EOS or a pad id equal to it (SigLIP) or a pad after it (SigLIP 2). This
+model does exactly the same, so its embeddings are those of the released
+checkpoints.
+
+Not kept from big_vision: ``vocab_logits`` (the embedding used as an output
+layer, a ``(B, L, V)`` product with V up to 256k) -- contrastive use never needs it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from mame_jax.models import vit
+
+# big_vision's text_transformer pool types ("mean" = "gap", "gmp" = "max").
+POOL_TYPES = ("last", "first", "gap", "mean", "max", "gmp", "map")
+# Added to the norm before dividing, as big_vision's two towers do.
+NORM_EPS = 1e-8
+
+
+def l2_normalize(z):
+  """``z (B, E) -> z / (|z| + 1e-8)`` along the last axis, in float32: the
+  normalisation big_vision's two towers apply to both embeddings."""
+  z = jnp.asarray(z, jnp.float32)
+  return z / (jnp.linalg.norm(z, axis=-1, keepdims=True) + NORM_EPS)
+
+
+def check_texts(texts, max_len: Optional[int] = None) -> None:
+  """Raises ``ValueError`` unless ``texts`` are token ids the text tower takes:
+  integers of shape ``(B, L)``, ``L == max_len`` when the model has a fixed length.
+  Looks only at shapes and dtypes (before tracing; never syncs with a device)."""
+  shape = tuple(getattr(texts, "shape", np.shape(texts)))
+  dtype = getattr(texts, "dtype", None)
+  dtype = np.dtype(dtype if dtype is not None else np.asarray(texts).dtype)
+  if len(shape) != 2:
+    hint = " (one text? add a batch axis: tokens[None])" if len(shape) == 1 else ""
+    raise ValueError(f"texts must be token ids of shape (B, L); got shape {shape}{hint}")
+  if not np.issubdtype(dtype, np.integer):
+    raise ValueError(f"texts must be integer token ids (from mame_jax.tokenizers."
+                     f"Tokenizer); got dtype {dtype}")
+  if max_len is not None and shape[1] != max_len:
+    raise ValueError(f"texts have {shape[1]} tokens but the text tower takes exactly "
+                     f"{max_len} (its pos_embedding has {max_len} rows); tokenize with "
+                     f"Tokenizer(..., length={max_len})")
+
+
+class _TextTransformer(nn.Module):
+  """Text tower: ``__call__(texts (B, L) int, *, train=False) -> (z, aux)``.
+
+  ``z`` is ``(B, E)`` (``E = num_classes`` with a head, else ``D``), L2-normalised
+  when ``normalize`` (:func:`l2_normalize`). ``aux`` holds ``embedded``,
+  ``block{i:02d}``, ``pre_ln``, ``transformed`` (after ``encoder_norm``),
+  ``pre_logits`` (the pooled vector), ``logits`` (after ``head``) and ``norm``.
+
+  Attributes as big_vision's text transformer, plus:
+    max_len: the token count the model takes (its ``pos_embedding`` rows); when
+      set, other lengths fail with a clear error instead of flax's shape error.
+    normalize: L2-normalise the output (the two-tower model normalises itself and
+      builds its text tower with ``normalize=False``).
+    dtype_mm, dtype, attention: as in ``vit.Model``.
+  """
+
+  num_classes: Optional[int] = None
+  width: int = 512
+  depth: int = 12
+  mlp_dim: Optional[int] = 2048
+  num_heads: int = 8
+  dropout: float = 0.0
+  vocab_size: int = 32_000
+  pool_type: str = "last"
+  scan: bool = False
+  remat_policy: str = "nothing_saveable"
+  max_len: Optional[int] = None
+  normalize: bool = True
+  dtype_mm: Any = "float32"
+  dtype: Any = "float32"
+  attention: str = "auto"
+
+  @nn.compact
+  def __call__(self, texts, *, train=False):
+    if self.pool_type not in POOL_TYPES:
+      raise ValueError(f"Unknown text pool type {self.pool_type!r}; one of {POOL_TYPES}")
+    check_texts(texts, self.max_len)
+    out = {}
+    embedding = nn.Embed(self.vocab_size, self.width, name="Embed_0",
+                         param_dtype=jnp.float32)
+    x = out["embedded"] = embedding(jnp.asarray(texts, jnp.int32))
+    _, length, d = x.shape
+    pos = self.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(d)),
+                     (1, length, d), jnp.float32)
+    x = (x + pos).astype(self.dtype)
+    x = nn.Dropout(rate=self.dropout)(x, not train)
+
+    x, _, _, enc = vit.Encoder(
+        depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+        dropout=self.dropout, scan=self.scan, remat_policy=self.remat_policy,
+        dtype_mm=self.dtype_mm, dtype=self.dtype, attention=self.attention,
+        name="Encoder_0")(x, deterministic=not train)
+    out.update(enc)
+    # Pooling and the head in float32, as in the image tower.
+    x = out["transformed"] = x.astype(jnp.float32)
+
+    if self.pool_type == "last":  # sticky EOS: the last position is EOS or padding
+      x = x[:, -1]
+    elif self.pool_type == "first":
+      x = x[:, 0]
+    elif self.pool_type in ("gap", "mean"):
+      x = jnp.mean(x, axis=1)
+    elif self.pool_type in ("max", "gmp"):
+      x = jnp.max(x, axis=1)
+    else:  # "map"
+      x = vit.MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                      dtype_mm=self.dtype_mm, attention=self.attention)(x)
+    out["pre_logits"] = x
+    if self.num_classes:
+      x = out["logits"] = nn.Dense(self.num_classes, name="head")(x)
+    out["norm"] = jnp.linalg.norm(x, axis=-1, keepdims=True)
+    if self.normalize:
+      x = l2_normalize(x)
+    return x, out
+
+
+def Model(num_classes=None, *, variant=None, **kw):  # pylint: disable=invalid-name
+  """``Model(768, variant="B", vocab_size=32_000, max_len=64)`` -> the text tower.
+
+  ``variant`` (a ViT size name, ``"B"``, ``"L"``, ``"So400m"``, ...; a ``"/p"``
+  suffix is ignored) sets width, depth, mlp_dim and num_heads, as in big_vision;
+  keyword arguments override it.
+  """
+  arch = vit.decode_variant(variant.partition("/")[0] if variant else None)
+  return _TextTransformer(num_classes, **{**arch, **kw})
