@@ -31,7 +31,7 @@ import numpy as np
 
 from mame_jax.buckets import bucket_for, linear_buckets
 from mame_jax.merge import check_tokens, is_traced, mame, num_sources
-from mame_jax.models.merging import MergeConfig, merge_records
+from mame_jax.models.merging import MergeConfig, merge_counts
 from mame_jax.restore import copy_back, mare
 
 RESTORES = ("mare", "copy")
@@ -101,18 +101,9 @@ def _check_output(out, bl):
 # Exact mode for a stack of generation blocks.
 
 
-def summary(cfg, aux) -> dict:
-  """Per merge layer ``num_preserved`` (layers,), ``overflow`` (layers,) and
-  ``dropped`` (B, layers), read from a block stack's ``aux`` (what exact mode
-  needs; return this from a jitted step rather than the whole records). Empty
-  for an inactive or absent config."""
-  if not isinstance(cfg, MergeConfig) or not cfg.active:
-    return {}
-  records = merge_records(aux)
-  infos = [records[l]["info"] for l in cfg.layers]
-  return {"num_preserved": jnp.stack([i.num_preserved for i in infos]),
-          "overflow": jnp.stack([i.overflow for i in infos]),
-          "dropped": jnp.stack([i.dropped for i in infos], axis=1)}
+# What exact mode reads from a block stack's ``aux`` (return it from a jitted step
+# rather than the whole records): the one definition, shared with the ViT runner.
+summary = merge_counts
 
 
 def layer_buckets(cfg: MergeConfig, length: int, num_special: int = 0) -> tuple:

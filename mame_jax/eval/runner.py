@@ -35,7 +35,7 @@ import numpy as np
 from mame_jax.buckets import bucket_for, linear_buckets
 from mame_jax.merge import merged_length, num_sources
 from mame_jax.models.inputs import check_images
-from mame_jax.models.merging import MergeConfig, merge_records
+from mame_jax.models.merging import MergeConfig, merge_counts
 from mame_jax.models.vit import patch_grid
 
 
@@ -168,17 +168,9 @@ class Runner:
 
 
 def _select(cfg, aux) -> dict:
-  """Inside the jitted forward: the summary the runner returns, picked from the
-  model's ``aux`` -- ``tokens_per_block`` (B, depth) and, for active MaMe configs,
-  ``num_preserved`` (layers,), ``overflow`` (layers,), ``dropped`` (B, layers)."""
-  out = {"tokens_per_block": aux["tokens_per_block"]}
-  if isinstance(cfg, MergeConfig) and cfg.active:
-    records = merge_records(aux)
-    infos = [records[l]["info"] for l in cfg.layers]
-    out["num_preserved"] = jnp.stack([i.num_preserved for i in infos])
-    out["overflow"] = jnp.stack([i.overflow for i in infos])
-    out["dropped"] = jnp.stack([i.dropped for i in infos], axis=1)
-  return out
+  """Inside the jitted forward: the summary the runner returns --
+  ``tokens_per_block`` (B, depth) and :func:`~mame_jax.models.merging.merge_counts`."""
+  return {"tokens_per_block": aux["tokens_per_block"], **merge_counts(cfg, aux)}
 
 
 def _summarise(cfg, aux):

@@ -228,6 +228,20 @@ def merge_records(aux: dict) -> list[dict]:
   return [aux[name].get("merge") or {} for name in blocks]
 
 
+def merge_counts(cfg, aux: dict) -> dict:
+  """What exact mode needs from a forward, read from its ``aux`` (inside a
+  jitted program, so that the merge records themselves need not be outputs):
+  per merge layer ``num_preserved`` (layers,), ``overflow`` (layers,) and
+  ``dropped`` (B, layers). Empty unless ``cfg`` is an active ``MergeConfig``."""
+  if not isinstance(cfg, MergeConfig) or not cfg.active:
+    return {}
+  records = merge_records(aux)
+  infos = [records[l]["info"] for l in cfg.layers]
+  return {"num_preserved": jnp.stack([i.num_preserved for i in infos]),
+          "overflow": jnp.stack([i.overflow for i in infos]),
+          "dropped": jnp.stack([i.dropped for i in infos], axis=1)}
+
+
 def default_layers(depth: int) -> tuple:
   """The paper's training-free default: MaMe in the first 8 blocks (all of them
   when the model has fewer). ``depth``: the model's number of blocks."""
