@@ -3,6 +3,7 @@
     python -m benchmarks.run_all --quick          # CPU: a few minutes
     python -m benchmarks.run_all                  # CPU: the full op grid, ViT-S and ViT-B at batch 32
     python -m benchmarks.run_all --batch 256 --dtype bfloat16    # a GPU
+    python -m benchmarks.run_all --quick --with-generation      # + benchmarks/generation.py
 
 Each table is produced by its own script (``benchmarks/merge_op.py``,
 ``benchmarks/vit_throughput.py``), saved as JSON under ``results/``, and
@@ -17,7 +18,9 @@ import pathlib
 import shlex
 import sys
 
-from benchmarks import merge_op, vit_throughput
+import jax
+
+from benchmarks import generation, merge_op, vit_throughput
 from mame_jax.eval.timing import format_table
 
 OP_COLUMNS = ["B", "L", "D", "r", "capacity", "mame_ms", "attention_ms", "mame/attn",
@@ -67,6 +70,7 @@ def render(op: dict, vit: dict, command: str, render_only: bool = False) -> str:
       lines.append(f"- {row['model']} {row['method']}: {row['tokens_per_layer']}")
   lines += ["", "## Targets: met and missed", ""] + targets(vit)
   lines += gpu_section()
+  lines += generation_section()
   full = pathlib.Path("results/merge_op.md")
   if full.exists() and "--quick" in op["command"] and "--quick" not in full.read_text():
     lines += ["", "## The full op grid (a separate run)", "",
@@ -103,6 +107,35 @@ def gpu_section() -> list[str]:
                "baseline >= 6,000 img/s and >= timm; MaMe >= 0.9 of its ideal speedup and "
                ">= 10,000 img/s; MaMe >= 1.05x ToMe at equal FLOPs; MaMe's own operations "
                "<= 5%) are not measured.")
+  return out
+
+
+GENERATION_COLUMNS = ["L", "D", "method", "setting", "tokens_attended", "tokens_real",
+                      "latency_ms", "iqr_ms", "gflops", "measured_speedup",
+                      "ideal_speedup", "dropped"]
+
+
+def generation_section() -> list[str]:
+  """``python -m benchmarks.generation`` results (``results/generation*.json``):
+  per-step latency of a generation block stack, each table with its command,
+  device and date; nothing when no such file exists."""
+  files = sorted(pathlib.Path("results").glob("generation*.json"))
+  if not files:
+    return []
+  out = ["", "## Generation blocks: baseline, MaMe + MaRe, ToMe-SD", "",
+         "One step = one forward of `GenerationStack` (eqs. 17-18), merging in every",
+         "block; tokens from photographs (8 x 8 patches, randomly projected; see",
+         "`benchmarks/generation.py`). `tokens_attended`: the static length attention",
+         "runs on; `tokens_real`: the real tokens among them; `dropped`: preserved",
+         "tokens the fixed capacities dropped.", ""]
+  for path in files:
+    run = json.loads(path.read_text())
+    device = run["device"]["description"]
+    note = (" Measured on a CPU shared with other processes: read the ratios, not the "
+            "milliseconds." if run["device"]["platform"] == "cpu" else "")
+    out += [f"`{run['command']}` -- {device}, depth {run['depth']}, batch {run['batch']}, "
+            f"{run['dtype']}, {run['date']} (`{path}`).{note}", "",
+            format_table(run["rows"], GENERATION_COLUMNS), ""]
   return out
 
 
@@ -148,6 +181,8 @@ def main(argv=None):
   parser.add_argument("--out", default="BENCHMARKS.md")
   parser.add_argument("--render-only", action="store_true",
                       help="rewrite BENCHMARKS.md from the saved results/*.json, running nothing")
+  parser.add_argument("--with-generation", action="store_true",
+                      help="also run benchmarks/generation.py (results/generation_<platform>.json)")
   args = parser.parse_args(argv)
   op_args = ["--dtype", args.dtype, "--json", "results/merge_op.json"]
   vit_args = ["--dtype", args.dtype, "--json", "results/vit_throughput.json"]
@@ -159,6 +194,10 @@ def main(argv=None):
   if not args.render_only:
     merge_op.main(op_args)
     vit_throughput.main(vit_args)
+    if args.with_generation:
+      generation.main((["--quick"] if args.quick else []) + [
+          "--dtype", args.dtype,
+          "--json", f"results/generation_{jax.devices()[0].platform}.json"])
   op = json.loads(pathlib.Path("results/merge_op.json").read_text())
   vit = json.loads(pathlib.Path("results/vit_throughput.json").read_text())
   command = "python -m benchmarks.run_all " + shlex.join(argv)

@@ -17,6 +17,9 @@ one file can describe a model, its merge and its data once for every command:
   patch: no proportional attention and a size-weighted global pool), ...
 * ``input``: ``data``, ``split``, ``data_dir``, ``label_map``, ``batch_size``,
   ``limit`` (``None``: every image).
+* ``zeroshot`` (eval): zero-shot classification with a SigLIP two-tower
+  checkpoint -- ``tokenizer`` (``None``: off), ``classes``, ``templates``,
+  ``length``, ``style`` (:func:`zeroshot_config`).
 * one part per command: ``eval``, ``calibrate``, ``visualize``, ``train``.
   A command ignores the parts of the other commands, so a file may carry
   several.
@@ -137,6 +140,23 @@ def eval_config() -> ml_collections.ConfigDict:
       json=placeholder(str),        # write the results here
       progress=placeholder(bool),   # progress bar; None: when stderr is a terminal
   ))
+  config.zeroshot = zeroshot_config()
+  return config
+
+
+def zeroshot_config(**fields) -> ml_collections.ConfigDict:
+  """``config.zeroshot``: zero-shot classification with a SigLIP / SigLIP 2
+  two-tower checkpoint (``mame_jax.eval.zeroshot``), on when ``tokenizer`` is
+  set. The rows then merge in the image tower and classify its embedding
+  against the class embeddings of ``classes`` x ``templates``."""
+  config = ml_collections.ConfigDict(dict(
+      tokenizer=placeholder(str),   # SentencePiece .model: path, URL or known name; None: off
+      classes="imagenet",           # imagenet (1000 CLIP names) | data (the folders) | a file
+      templates="clip",             # clip (80) | big_vision (80 + "{}") | a file, one per line
+      length=64,                    # text length (the text tower's max_len)
+      style="siglip",               # tokeniser rules: siglip (T5 vocab) | siglip2 (Gemma)
+  ))
+  config.update(fields)
   return config
 
 
@@ -251,4 +271,38 @@ def table1_config(arg, *, checkpoint: str, preprocess: str, tome_r: int,
   config.input.data = arg.data
   config.input.batch_size = arg.batch_size
   config.input.limit = arg.limit or None
+  return config
+
+
+# ----------------------------------------------------------------------------
+# Table 3: zero-shot classification
+
+
+def table3_config(arg, *, checkpoint: str, tokenizer: str, style: str, taus, tome_r: int,
+                  image_size: int = 512):
+  """The zero-shot evaluation config shared by ``configs/siglip*.py`` (one per
+  Table 3 model): baseline, MaMe at each of ``taus`` in the first 8 blocks of
+  the image tower and ToMe(``tome_r``) in every block, each classifying the
+  image embedding against the 1000 ImageNet class names x the CLIP paper's 80
+  templates. The towers come from ``checkpoint`` (a two-tower .npz), the
+  tokeniser from ``tokenizer``; ``--checkpoint PATH`` and
+  ``--config.zeroshot.tokenizer=PATH`` take local files instead.
+
+  ``arg``: ``key=value`` overrides of batch_size, dtype, data, tome_r (0: no
+  ToMe row) and limit (0: all images); ``--tau`` replaces the MaMe rows.
+  """
+  arg = parse_config_arg(arg, batch_size=64, dtype="float32", data="imagenet2012",
+                         tome_r=tome_r, limit=0)
+  config = eval_config()
+  config.model.checkpoint = checkpoint
+  config.model.preprocess = "siglip"
+  config.model.image_size = image_size
+  config.model.dtype = arg.dtype
+  config.merge.layers = "0-7"
+  config.merge.tau = tuple(float(t) for t in taus)
+  config.merge.tome_r = (arg.tome_r,) if arg.tome_r else ()
+  config.input.data = arg.data
+  config.input.batch_size = arg.batch_size
+  config.input.limit = arg.limit or None
+  config.zeroshot = zeroshot_config(tokenizer=tokenizer, style=style)
   return config

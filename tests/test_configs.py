@@ -5,6 +5,7 @@ import ast
 import glob
 import json
 import os
+import re
 
 import jax.numpy as jnp
 import ml_collections
@@ -89,7 +90,7 @@ def test_every_config_loads_with_and_without_an_argument_and_fits_its_commands(p
   doc = ast.get_docstring(ast.parse(open(path).read()))
   name = os.path.basename(path)
   assert f"mame-jax eval --config configs/{name}" in doc
-  assert ("Table 1" in doc) or ("Figure" in doc)
+  assert re.search(r"Paper: (Table|Figure) \d", doc), "the docstring quotes the paper's figure"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)

@@ -55,6 +55,11 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
   config = parse(argv)
   m, inp, ev, cal_c = config.model, config.input, config.eval, config.calibrate
   try:
+    if config.get("zeroshot") is not None and config.zeroshot.get("tokenizer"):
+      # Calibration counts the image tower's tokens; it has no zero-shot head yet, so
+      # a SigLIP config would be calibrated and scored on raw embeddings.
+      raise ValueError("calibrate does not support zero-shot configs yet "
+                       "(config.zeroshot.tokenizer is set); use mame-jax eval")
     if not inp.data:
       raise ValueError("no data: pass --data NAME (--config.input.data)")
     model, params = flags_lib.load_model_from(config)

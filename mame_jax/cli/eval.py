@@ -1,4 +1,6 @@
-"""``mame-jax eval``: Table 1 in one process (see ``mame_jax.eval.loop``)."""
+"""``mame-jax eval``: Table 1 in one process (see ``mame_jax.eval.loop``), and
+Table 3 -- zero-shot classification with a SigLIP two-tower checkpoint -- when
+``--config.zeroshot.tokenizer`` is set (see :func:`zero_shot`)."""
 
 from __future__ import annotations
 
@@ -26,6 +28,32 @@ def parse(argv: Optional[Sequence[str]] = None):
   return config
 
 
+def zero_shot(config):
+  """Zero-shot mode (``config.zeroshot.tokenizer`` set): ``(image tower, its
+  params, data, {"head": ..., "head_params": ...})`` for ``loop.evaluate``. The
+  two towers are loaded, the class embeddings (``zeroshot.classes`` x
+  ``zeroshot.templates``) computed once, and every row merges in the image tower
+  (no class token there: the MAP head pools, so num_special = 0)."""
+  from mame_jax import tokenizers  # pylint: disable=import-outside-toplevel
+  from mame_jax.eval import zeroshot  # pylint: disable=import-outside-toplevel
+  from mame_jax.models import load  # pylint: disable=import-outside-toplevel
+  zs, inp = config.zeroshot, config.input
+  if not config.model.checkpoint:
+    raise ValueError("zero-shot eval (zeroshot.tokenizer is set) needs a SigLIP two-tower "
+                     "checkpoint: pass --checkpoint PATH|URL|NAME (e.g. siglip_b16_512)")
+  model, params = flags_lib.load_model_from(config, tower="both")
+  data = inp.data
+  if zs.classes == "data":  # the class folders' names: read the source here, once
+    data = data_lib.load_source(data, split=inp.split, data_dir=inp.data_dir,
+                                label_map=flags_lib.label_map_from(inp.label_map))
+  names = zeroshot.class_names_from(zs.classes, data)
+  tok = tokenizers.Tokenizer(load.fetch(zs.tokenizer), zs.length, zs.style)
+  classifier = zeroshot.ZeroShot(model, params, tok, templates=zeroshot.templates_from(
+      zs.templates))
+  head, head_params = classifier.head(names)
+  return model.img, params["img"], data, {"head": head, "head_params": head_params}
+
+
 def cli_main(argv: Optional[Sequence[str]] = None) -> int:
   """``mame-jax eval ...`` (``argv``: the arguments after ``eval``). Prints the
   table on stdout, progress on stderr; returns the exit status."""
@@ -37,15 +65,20 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
     if not inp.data:
       raise ValueError("no data: pass --data NAME (--config.input.data; e.g. imagenet2012, "
                        "imagenette, photos, a folder)")
-    model, params = flags_lib.load_model_from(config)
+    data, preprocess, head = inp.data, m.preprocess, {}
+    if config.zeroshot.tokenizer:
+      model, params, data, head = zero_shot(config)
+      preprocess = "siglip" if preprocess in (None, "auto") else preprocess
+    else:
+      model, params = flags_lib.load_model_from(config)
     result = loop.evaluate(
-        model, params, inp.data, taus=[float(t) for t in config.merge.tau],
+        model, params, data, taus=[float(t) for t in config.merge.tau],
         tome_r=[int(r) for r in config.merge.tome_r], merge_layers=config.merge.layers,
         tome_recipe=config.merge.tome_recipe,
-        batch_size=inp.batch_size, limit=inp.limit, preprocess=m.preprocess,
+        batch_size=inp.batch_size, limit=inp.limit, preprocess=preprocess,
         image_size=m.image_size, split=inp.split, data_dir=inp.data_dir,
         label_map=flags_lib.label_map_from(inp.label_map), num_devices=ev.devices,
-        runs=ev.runs, warmup=ev.warmup, progress=ev.progress)
+        runs=ev.runs, warmup=ev.warmup, progress=ev.progress, **head)
   except (ValueError, FileNotFoundError) as e:
     print(f"mame-jax eval: error: {e}", file=sys.stderr)
     return 2

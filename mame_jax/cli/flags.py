@@ -370,10 +370,12 @@ def add_common_flags(parser: argparse.ArgumentParser, preprocess_choices=None) -
 
 
 def load_model_from(config: ml_collections.ConfigDict, *, merge=None, seed: int = 0,
-                    require: bool = True):
+                    require: bool = True, tower: str = "img"):
   """``(model, params)`` of ``config.model`` by ``mame_jax.models.load.load_model``:
   its checkpoint, else random weights of its variant. ``require``: neither is
-  an error naming the flags (eval and calibrate: there is nothing to measure)."""
+  an error naming the flags (eval and calibrate: there is nothing to measure).
+  ``tower``: of a SigLIP file, ``"img"`` (default, the image tower as a ViT) or
+  ``"both"`` (zero-shot eval: the two towers)."""
   from mame_jax.models import load  # pylint: disable=import-outside-toplevel
   m = config.model
   if require and not m.checkpoint and not m.get("variant"):
@@ -384,4 +386,4 @@ def load_model_from(config: ml_collections.ConfigDict, *, merge=None, seed: int 
   return load.load_model(m.checkpoint or None, variant=m.get("variant") or None,
                          num_classes=m.get("num_classes", 1000),
                          image_size=m.get("image_size") or None, merge=merge,
-                         dtype=m.get("dtype"), seed=seed, tower="img", **arch)
+                         dtype=m.get("dtype"), seed=seed, tower=tower, **arch)

@@ -84,7 +84,8 @@ def evaluate(model, params, data, *, taus=(DEFAULT_TAU,), tome_r=(), merge_layer
              preprocess=None,
              image_size=None, split=None, data_dir=None, label_map=None,
              num_devices: Optional[int] = None, runs: int = 7, warmup: int = 2,
-             progress: Optional[bool] = None, stream=None) -> dict:
+             progress: Optional[bool] = None, stream=None, head=None,
+             head_params=None) -> dict:
   """Runs every method on the same batches; see the module docstring.
 
   Args:
@@ -109,6 +110,11 @@ def evaluate(model, params, data, *, taus=(DEFAULT_TAU,), tome_r=(), merge_layer
       every method): ``None`` only when ``stream`` is a terminal, ``True``
       always, ``False`` never; ``stream``: where it and the corrupt-image
       warnings go (default ``sys.stderr``).
+    head, head_params: ``head(head_params, out) -> (B, C)`` logits from the
+      model's output, e.g. zero-shot classification
+      (``mame_jax.eval.zeroshot.ZeroShot.head``: the image tower's embedding
+      against the class embeddings). Part of every method's jitted and timed
+      program (and of its GFLOPs); ``None``: the model's output are the logits.
 
   Returns:
     ``{"rows": [...], "num_images", "num_corrupt", "corrupt", ..., and, for
@@ -138,6 +144,9 @@ def evaluate(model, params, data, *, taus=(DEFAULT_TAU,), tome_r=(), merge_layer
   methods = methods_lib.build_methods(model, taus, tome_r, parse_layers(merge_layers), extra,
                                       tome_recipe)
   runners = [Runner(model.clone(merge=m.merge), params) for m in methods]
+  if head is not None:
+    head_params = jax.device_put(head_params, NamedSharding(mesh, P()))
+    apply_head = jax.jit(head)
 
   loader = data_lib.Loader(source, prep, batch_size, limit=limit,
                            process_index=jax.process_index(),
@@ -158,6 +167,8 @@ def evaluate(model, params, data, *, taus=(DEFAULT_TAU,), tome_r=(), merge_layer
     labelled = valid & (labels >= 0)
     for i, runner in enumerate(runners):
       logits, aux = runner(x)
+      if head is not None:
+        logits = apply_head(head_params, logits)
       pred = local_rows(jnp.argmax(logits, axis=-1))
       tok = local_rows(aux["tokens_per_block"])
       correct[i] += int(np.sum(pred[labelled] == labels[labelled]))
@@ -185,14 +196,17 @@ def evaluate(model, params, data, *, taus=(DEFAULT_TAU,), tome_r=(), merge_layer
   # The lean programs the runners served (settled schedules), all timed interleaved.
   programs = [runner.program(runner.schedule if runner.exact else None, first.shape)
               for runner in runners]
+  args = [runner.params for runner in runners]
+  if head is not None:  # one program: the tower's, then the head (inlined by jit)
+    programs = [_with_head(program, head) for program in programs]
+    args = [(a, head_params) for a in args]
   timings = timing.time_interleaved(
-      {i: (program, (runner.params, first))
-       for i, (program, runner) in enumerate(zip(programs, runners))},
+      {i: (program, (a, first)) for i, (program, a) in enumerate(zip(programs, args))},
       rounds=runs, warmup=warmup)
   rows = []
   for i, (m, runner) in enumerate(zip(methods, runners)):
     program, t = programs[i], timings[i]
-    gf = timing.gflops(program, runner.params, first) / (batch_size / ndev)
+    gf = timing.gflops(program, args[i], first) / (batch_size / ndev)
     per_layer = (tokens[i] / max(n_valid, 1)).tolist()
     rows.append(dict(
         method=m.kind, name=m.name, tau=m.tau, r=m.r,
@@ -219,3 +233,13 @@ def evaluate(model, params, data, *, taus=(DEFAULT_TAU,), tome_r=(), merge_layer
                    for m, p in zip(methods, preds)},
       keys=keys)
 
+
+
+def _with_head(program, head):
+  """``program (params, x) -> (out, aux)`` and ``head (head_params, out) ->
+  logits`` as one jitted ``((params, head_params), x) -> (logits, aux)``."""
+
+  def forward(both, x):
+    out, aux = program(both[0], x)
+    return head(both[1], out), aux
+  return jax.jit(forward)

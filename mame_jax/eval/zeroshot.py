@@ -12,12 +12,15 @@ the class embeddings through SigLIP's logits ``zimg @ zcls.T * exp(t) + b``.
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mame_jax.eval import imagenet_classes
 from mame_jax.eval.runner import Runner
 from mame_jax.models import text as text_lib
 from mame_jax.models import two_towers
@@ -76,11 +79,18 @@ class ZeroShot:
       self._cache[key] = text_lib.l2_normalize(z)
     return self._cache[key]
 
+  def head(self, class_names: Sequence[str]):
+    """``(head_logits, head_params)`` for ``mame_jax.eval.loop.evaluate(head=...,
+    head_params=...)``: the image tower's ``(B, E)`` output -> ``(B, C)`` logits
+    against the (cached) class embeddings. ``head_params`` holds those embeddings
+    and exp(t), b, passed as arguments so the compiled program does not carry
+    them as constants."""
+    return head_logits, {"zcls": self.class_embeddings(class_names), **self._out}
+
   def logits(self, images, class_names: Sequence[str]) -> jax.Array:
     """``(B, C)`` SigLIP logits of every image against every class."""
     zimg, _ = self.runner(images)
-    return two_towers.logits(text_lib.l2_normalize(zimg), self.class_embeddings(class_names),
-                             self._out)
+    return head_logits(self.head(class_names)[1], zimg)
 
   def classify(self, images, class_names: Sequence[str],
                activation: Optional[str] = None) -> jax.Array:
@@ -89,3 +99,55 @@ class ZeroShot:
     if (activation or self.activation) == "softmax":
       return jax.nn.softmax(z, axis=-1)
     return jax.nn.sigmoid(z)
+
+
+def head_logits(head_params, zimg) -> jax.Array:
+  """``(B, E)`` image-tower output -> ``(B, C)`` SigLIP logits
+  ``normalize(zimg) @ zcls.T * exp(t) + b`` (``head_params`` from
+  :meth:`ZeroShot.head`); jit-able, so the timed program of an evaluation is the
+  image tower plus this product."""
+  out = {k: v for k, v in head_params.items() if k != "zcls"}
+  return two_towers.logits(text_lib.l2_normalize(zimg), head_params["zcls"], out)
+
+
+def _read_lines(path: str, what: str) -> list:
+  """The non-empty lines of a text file (or the strings of a JSON list)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{what} {path!r}: no such file")
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  if text.lstrip().startswith("["):
+    items = json.loads(text)
+    if not all(isinstance(i, str) for i in items):
+      raise ValueError(f"{what} {path!r}: expected a JSON list of strings")
+  else:
+    items = [line.strip() for line in text.splitlines()]
+  items = [i for i in items if i]
+  if not items:
+    raise ValueError(f"{what} {path!r} holds no names")
+  return items
+
+
+def class_names_from(spec: str, source=None) -> tuple:
+  """``config.zeroshot.classes`` -> class names in label order: ``"imagenet"``
+  (:data:`~mame_jax.eval.imagenet_classes.IMAGENET_CLASSES`), ``"data"`` (the
+  class folders of ``source``, a ``mame_jax.eval.data.Source``, in their label
+  order) or a file (one name per line, or a JSON list)."""
+  if spec in imagenet_classes.CLASSES:
+    return imagenet_classes.CLASSES[spec]
+  if spec == "data":
+    names = getattr(source, "label_names", None)
+    if not names:
+      raise ValueError("zeroshot.classes='data' needs data with named classes (a folder of "
+                       f"class folders); {getattr(source, 'name', source)!r} has none")
+    return tuple(names)
+  return tuple(_read_lines(spec, "zeroshot.classes"))
+
+
+def templates_from(spec: str) -> tuple:
+  """``config.zeroshot.templates`` -> prompt templates: ``"clip"`` (the CLIP
+  paper's 80), ``"big_vision"`` (those and ``"{}"``) or a file, one template with
+  one ``{}`` per line."""
+  if spec in imagenet_classes.TEMPLATES:
+    return imagenet_classes.TEMPLATES[spec]
+  return tuple(_read_lines(spec, "zeroshot.templates"))

@@ -91,6 +91,20 @@ KNOWN = {
                    "PyTorch .pth (needs torch), ~1.2 GB"),
     "mae_h": Known(_MAE.format("huge"), None, "MAE ViT-H/14 fine-tuned on ImageNet-1k, "
                    "PyTorch .pth (needs torch), ~2.5 GB"),
+    # SigLIP / SigLIP 2 two towers (big_vision .npz) and their SentencePiece
+    # tokenisers (mame_jax.tokenizers reads them through fetch()), as named in
+    # big_vision's SigLIP / SigLIP 2 demo colabs and pp/ops_text.py.
+    "siglip_b16_512": Known("gs://big_vision/siglip/webli_en_b16_512_68580893.npz", None,
+                            "SigLIP B/16 two towers, WebLI English, 512 px, T5 c4_en "
+                            "vocabulary (siglip_tokenizer), big_vision .npz, ~800 MB"),
+    "siglip2_b16_512": Known("gs://big_vision/siglip2/siglip2_b16_512.npz", None,
+                             "SigLIP 2 B/16 two towers, 512 px, Gemma vocabulary "
+                             "(gemma_tokenizer), big_vision .npz, ~1.5 GB"),
+    "siglip_tokenizer": Known("gs://t5-data/vocabs/cc_en.32000/sentencepiece.model", None,
+                              "T5 c4_en SentencePiece model (32k), SigLIP's English "
+                              "tokeniser, ~0.8 MB"),
+    "gemma_tokenizer": Known("gs://big_vision/gemma_tokenizer.model", None,
+                             "Gemma SentencePiece model (256k), SigLIP 2's tokeniser, ~4 MB"),
 }
 
 
