@@ -141,7 +141,7 @@ def test_gs_urls_are_read_through_their_https_mirror(monkeypatch, tmp_path):
 
 def test_known_names_are_public_urls():
   for name, known in load.KNOWN.items():
-    assert load.is_url(known.url) and known.url.startswith("https://"), name
+    assert load.is_url(known.url) and known.url.startswith(("https://", "gs://")), name
     assert known.sha256 is None or len(known.sha256) == 64, name
   assert {"augreg_b16", "augreg_s16", "deit_s", "deit_b"} <= set(load.KNOWN)
   assert "S_16-i21k" in load.KNOWN["augreg_s16"].url
