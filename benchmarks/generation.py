@@ -43,9 +43,7 @@ static length the blocks' attention runs on (what the compute pays for);
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import pathlib
 import shlex
 import sys
 import time
@@ -62,6 +60,7 @@ from mame_jax.merge import num_sources
 from mame_jax.models.dit_blocks import GenerationStack
 from mame_jax.models.merging import MergeConfig, merge_records
 from mame_jax.tome_sd import ToMeSDConfig, num_to_merge
+from mame_jax.eval.report import write_json
 
 HEAD_DIM = 64
 PATCH = 8  # the Stable Diffusion VAE's downsampling factor
@@ -234,10 +233,8 @@ def main(argv=None):
           photos=[PHOTOS[i % len(PHOTOS)] for i in range(args.batch)]),
       total_s=time.perf_counter() - start, rows=rows)
   if args.json:
-    path = pathlib.Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1, default=float))
-    print(f"wrote {path}")
+    write_json(args.json, out)
+    print(f"wrote {args.json}")
   return out
 
 

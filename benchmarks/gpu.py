@@ -45,9 +45,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import pathlib
 import platform
 import shlex
 import sys
@@ -63,6 +61,7 @@ from mame_jax.eval import timing
 from mame_jax.eval.data import PHOTOS, load_image
 from mame_jax.merge import merged_length
 from mame_jax.models import vit
+from mame_jax.eval.report import write_json
 
 # The paper's ViT-B/16 (Table 1, fvcore FLOPs): MaMe 8.7 against 17.6 for the baseline.
 PAPER_GFLOPS = {"baseline": 17.6, "mame": 8.7}
@@ -326,9 +325,7 @@ def main(argv=None):
   if args.json is not None:
     path = args.json or (f"results/gpu{'_quick' if args.quick else ''}_"
                          f"{jax.devices()[0].platform}.json")
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1, default=float))
+    write_json(path, out)
     print(f"saved {path}")
   return out
 

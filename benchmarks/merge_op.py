@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
 import pathlib
@@ -60,6 +59,7 @@ from mame_jax.buckets import TraceCounter, bucket_for, linear_buckets
 from mame_jax.merge import num_sources
 from mame_jax.eval.timing import device_description, format_table, gflops, time_fn, today
 from mame_jax.models.vit import MultiHeadDotProductAttention
+from mame_jax.eval.report import write_json
 
 TAU = 0.8
 NUM_SPECIAL = 1
@@ -266,10 +266,8 @@ def main(argv=None):
             "num_special": NUM_SPECIAL, "head_dim": HEAD_DIM, "bucket_step": BUCKET_STEP,
             "outliers": args.outliers, "warmup": args.warmup, "runs": args.runs,
             "memory_budget_bytes": budget, "rows": rows, "compilations": sweep}
-  path = pathlib.Path(args.json)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(record, indent=1, default=float) + "\n")
-  print(f"\nsaved {path}")
+  write_json(args.json, record)
+  print(f"\nsaved {args.json}")
   if args.out_md:
     md = pathlib.Path(args.out_md)
     md.parent.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import pathlib
 import shlex
 import sys
 
@@ -41,6 +39,7 @@ import mame_jax as mj
 from mame_jax.eval import timing
 from mame_jax.eval.data import PHOTOS, load_image
 from mame_jax.merge import merged_length
+from mame_jax.eval.report import write_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,10 +181,8 @@ def main(argv=None):
   out = dict(device=timing.device_description(), date=timing.today(), batch=args.batch,
              dtype=args.dtype, command=("python " + shlex.join(sys.argv) if argv is None else
                       "python benchmarks/vit_throughput.py " + shlex.join(argv)), rows=rows)
-  path = pathlib.Path(args.json)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(out, indent=1, default=float))
-  print(f"\nsaved {path}")
+  write_json(args.json, out)
+  print(f"\nsaved {args.json}")
 
 
 if __name__ == "__main__":

@@ -39,8 +39,12 @@ def to_json(result: dict) -> dict:
 
 
 def write_json(path, payload):
+  """Writes ``payload`` as JSON to ``path`` (folders made as needed), on process 0
+  only; NumPy scalars are written as numbers. The one JSON writer of the
+  commands and the benchmarks."""
   if path and jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-      json.dump(payload, f, indent=2)
+      json.dump(payload, f, indent=1, default=float)
+      f.write("\n")
 
