@@ -20,7 +20,8 @@ import sys
 
 import jax
 
-from benchmarks import generation, merge_op, vit_throughput
+from benchmarks import (baselines, digits, dit_digits, generation, merge_op, siglip_throughput,
+                        train_step, video_throughput, vit_throughput)
 from mame_jax.eval.timing import format_table
 
 OP_COLUMNS = ["B", "L", "D", "r", "capacity", "mame_ms", "attention_ms", "mame/attn",
@@ -71,6 +72,10 @@ def render(op: dict, vit: dict, command: str, render_only: bool = False) -> str:
   lines += ["", "## Targets: met and missed", ""] + targets(vit)
   lines += gpu_section()
   lines += generation_section()
+  # Each further benchmark renders its own section from its committed JSON.
+  for module in (baselines, siglip_throughput, video_throughput, train_step, digits,
+                 dit_digits):
+    lines += module.section()
   full = pathlib.Path("results/merge_op.md")
   if full.exists() and "--quick" in op["command"] and "--quick" not in full.read_text():
     lines += ["", "## The full op grid (a separate run)", "",

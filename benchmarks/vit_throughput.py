@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import shlex
 import sys
 
@@ -77,10 +78,31 @@ def tome_r_matching(model, length, target_flops_ratio):
   return best[0]
 
 
-def measure_all(methods, params, images, runs):
+def evit_keep_matching(model, length, target_flops_ratio, layers=(3, 6, 9)):
+  """The EViT keep rate (a multiple of 0.05, in ``layers``) whose analytic cost
+  ratio is closest to the target: attention at the block's input length, the
+  MLP at its output length (EViT prunes between them)."""
+  mlp = model.mlp_dim or 4 * model.width
+  base = sum(block_flops(length, model.width, mlp) for _ in range(model.depth))
+  best = (None, 1e9)
+  for keep in np.arange(0.05, 1.0001, 0.05):
+    n, cost = length, 0
+    for i in range(model.depth):
+      attn = block_flops(n, model.width, mlp)
+      if i in layers:
+        k = math.ceil(keep * (n - 1))
+        n = 1 + k + (k < n - 1)   # the class token, the kept ones, the fused one
+      cost += (attn + block_flops(n, model.width, mlp)) / 2
+    gap = abs(cost / base - target_flops_ratio)
+    if gap < best[1]:
+      best = (round(float(keep), 2), gap)
+  return best[0]
+
+
+def measure_all(methods, params, images, runs, warmup=2):
   """``methods = [(name, fn, extra)]`` -> one row each, timed interleaved."""
   timings = timing.time_interleaved({name: (fn, (params, images)) for name, fn, _ in methods},
-                                    rounds=runs, warmup=2)
+                                    rounds=runs, warmup=warmup)
   rows = []
   for name, fn, extra in methods:
     t = timings[name]

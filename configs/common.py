@@ -20,9 +20,10 @@ one file can describe a model, its merge and its data once for every command:
 * ``zeroshot`` (eval): zero-shot classification with a SigLIP two-tower
   checkpoint -- ``tokenizer`` (``None``: off), ``classes``, ``templates``,
   ``length``, ``style`` (:func:`zeroshot_config`).
-* one part per command: ``eval``, ``calibrate``, ``visualize``, ``train``.
+* one part per command: ``eval``, ``calibrate``, ``visualize``.
   A command ignores the parts of the other commands, so a file may carry
-  several.
+  several. ``train.py``'s fields are top-level instead (``total_steps``,
+  ``lr``, ...; :func:`train_config`).
 
 Every command starts from its builder here (:func:`eval_config`,
 :func:`calibrate_config`, :func:`visualize_config`, :func:`train_config`);
@@ -130,6 +131,9 @@ def eval_config() -> ml_collections.ConfigDict:
       tome_r=(),                    # ToMe rows, one per r (every block)
       tome_recipe="timm",           # ToMe's settings: timm (prop. attention) | mae
       layers=placeholder(str),      # MaMe blocks, e.g. "0-7"; None: the first 8
+      evit=(),                      # EViT rows, one per keep rate
+      evit_layers=placeholder(str), # EViT blocks; None: EViT's own 3,6,9 (0-based)
+      diffrate=(),                  # DiffRate rows, one per published MODEL@GFLOPS
   ))
   config.input = input_config()
   config.eval = ml_collections.ConfigDict(dict(
@@ -141,6 +145,7 @@ def eval_config() -> ml_collections.ConfigDict:
       progress=placeholder(bool),   # progress bar; None: when stderr is a terminal
   ))
   config.zeroshot = zeroshot_config()
+  config.video = video_config()
   return config
 
 
@@ -197,26 +202,63 @@ def visualize_config() -> ml_collections.ConfigDict:
 
 
 def train_config() -> ml_collections.ConfigDict:
-  """``python train.py``: ViT-Ti/16 with MaMe in fixed mode -- blocks 3, 6 and 9
-  at tau = 0.5, capacity 0 (each merge halves the tokens), the paper's
-  from-scratch setting -- on the six labelled skimage photographs."""
+  """``python train.py`` (``mame_jax.train``): ViT-Ti/16 from scratch with MaMe
+  in fixed mode at the paper's from-scratch setting (``merge.method="mame"``).
+
+  ``model``: the network (``variant``, ``dtype``, ``arch`` overrides);
+  ``merge``: ``method`` = ``none`` | ``mame`` (blocks 3, 6, 9 counted from 1 as
+  the paper does, i.e. ``layers="2,5,8"``, ``tau`` 0.5, capacity 0: each merge
+  halves the tokens) | ``mame_last`` (the last block only) | ``tome`` (ToMe in
+  every block, ``r`` matched to MaMe's token count); ``layers`` / ``tome_r``
+  ``None``: the method's own. ``input``: the training data (a tfds name or a
+  folder of class folders), its ``eval_split`` / ``eval_data``, the crop and
+  the loader's threads. The training fields are top-level, as the issue names
+  them (``total_steps``, ``lr``, ``wd``, ...); see ``mame_jax.train.loop``.
+  """
   config = ml_collections.ConfigDict()
-  config.model = model_config(variant="Ti/16", num_classes=6, image_size=224,
-                              preprocess="big_vision")
+  config.model = ml_collections.ConfigDict(dict(
+      variant="Ti/16",              # random init of this variant (unless `init`)
+      dtype="float32",              # matmul dtype: float32 | bfloat16 | float16
+      dropout=0.0,
+      arch=ml_collections.ConfigDict(),  # vit.Model attributes (open part)
+  ))
   config.merge = ml_collections.ConfigDict(dict(
-      tau=0.5,
-      layers="3,6,9",               # "": no merge
+      method="mame",                # none | mame | mame_last | tome
+      tau=0.5,                      # MaMe threshold (eq. 3)
+      layers=placeholder(str),      # 0-based blocks, e.g. "2,5,8"; None: the method's
       capacity=0,                   # preserved tokens kept per merge (0: 2:1)
+      tome_r=placeholder(int),      # ToMe r; None: matched to MaMe's token count
   ))
-  config.input = input_config(data="photos-labelled", batch_size=6)  # one batch: the 6 photos
-  config.train = ml_collections.ConfigDict(dict(
-      steps=100,
-      lr=1e-3,                      # peak of the warm-up + cosine schedule
-      warmup=placeholder(int),      # warm-up steps; None: a tenth of the steps
-      weight_decay=0.05,            # AdamW
-      seed=0,
-      log_every=10,                 # print every N steps (the metrics log has all)
+  config.input = input_config(batch_size=256)
+  config.input.update(dict(
+      image_size=224,
+      eval_split=placeholder(str),  # held-out split of `data` evaluated every eval_steps
+      eval_data=placeholder(str),   # or another source (e.g. a folder); None: eval_split
+      eval_limit=placeholder(int),  # first N held-out images
+      min_scale=0.08,               # random resized crop: smallest area fraction
+      flip=True,                    # random horizontal flip
+      workers=8,                    # loader threads (grain ReadOptions)
+      prefetch=4,                   # batches read ahead
+      preprocess="big_vision",      # the eval preprocessing
   ))
+  config.num_classes = 1000
+  config.init = placeholder(str)    # a load_model source: fine-tune from it
+  config.total_steps = 1000
+  config.lr = 1e-3                  # peak of the linear warm-up + cosine decay
+  config.wd = 0.05                  # AdamW decoupled weight decay (kernels only)
+  config.warmup_steps = 100
+  config.grad_clip = 1.0            # global-norm clipping; 0: none
+  config.label_smoothing = 0.1
+  config.mixup = 0.0                # mixup Beta(a, a); 0: off
+  config.seed = 0
+  config.log_steps = 50             # metrics.jsonl + progress bar every N steps
+  config.ckpt_steps = 500           # orbax checkpoint every N steps (and at the end)
+  config.keep_ckpts = 3             # newest K checkpoints kept
+  config.eval_steps = 0             # evaluate the held-out split every N; 0: at the end only
+  config.stop_after = placeholder(int)  # stop (as if killed) after N steps of this run
+  config.fsdp = False               # shard params / optimiser state over `data` too
+  config.distributed = False        # multi-host: jax.distributed.initialize() first
+  config.progress = placeholder(bool)  # tqdm bar; None: when stderr is a terminal
   return config
 
 
@@ -224,16 +266,20 @@ def train_config() -> ml_collections.ConfigDict:
 # Table 1
 
 
-def table1_arg(arg, *, tome_r: int, **more) -> ml_collections.ConfigDict:
+def table1_arg(arg, *, tome_r: int, evit: float = 0.0, diffrate: str = "",
+               **more) -> ml_collections.ConfigDict:
   """The ``arg`` of a Table 1 config parsed (:func:`parse_config_arg`):
-  batch_size, dtype, data, tau, tome_r (0: no ToMe row) and limit (0: all
-  images), plus ``more`` keys of that config."""
+  batch_size, dtype, data, tau, tome_r (0: no ToMe row), evit (EViT's keep
+  rate; 0: no EViT row), diffrate (a published ``MODEL@GFLOPS`` schedule;
+  ``none``: no DiffRate row) and limit (0: all images), plus ``more`` keys."""
   return parse_config_arg(arg, batch_size=256, dtype="float32", data="imagenet2012",
-                          tau=DEFAULT_TAU, tome_r=tome_r, limit=0, **more)
+                          tau=DEFAULT_TAU, tome_r=tome_r, evit=evit, diffrate=diffrate,
+                          limit=0, **more)
 
 
 def table1_config(arg, *, checkpoint: str, preprocess: str, tome_r: int,
-                  image_size: int = 224, tome_recipe: str = "timm"):
+                  image_size: int = 224, tome_recipe: str = "timm", evit: float = 0.0,
+                  evit_layers: str = "3,6,9", diffrate: str = ""):
   """The evaluation config shared by ``configs/*.py`` (one per Table 1 row).
 
   Rows: baseline, MaMe (``tau`` = 0.8, the first 8 blocks: the paper's
@@ -256,9 +302,15 @@ def table1_config(arg, *, checkpoint: str, preprocess: str, tome_r: int,
   (``float32`` | ``bfloat16`` | ``float16``; the paper times FP16), data, tau,
   tome_r (0: no ToMe row) and limit (0: all images); or those already parsed
   (:func:`table1_arg`). Any other field: ``--config.a.b=value``.
+
+  The other baselines of Table 1: EViT (keep rate ``evit`` in ``evit_layers``,
+  EViT's own blocks 4, 7, 10 of 12 -- spread the same way over deeper models --
+  with the rate set for about the paper's GFLOPs: the paper does not give its
+  EViT settings) and DiffRate (``diffrate``: the schedule DiffRate publishes
+  for that model at the paper's GFLOPs, ``DiffRateConfig.published``).
   """
   if not isinstance(arg, ml_collections.ConfigDict):
-    arg = table1_arg(arg, tome_r=tome_r)
+    arg = table1_arg(arg, tome_r=tome_r, evit=evit, diffrate=diffrate)
   config = eval_config()
   config.model.checkpoint = checkpoint
   config.model.preprocess = preprocess
@@ -268,6 +320,9 @@ def table1_config(arg, *, checkpoint: str, preprocess: str, tome_r: int,
   config.merge.tau = (arg.tau,)
   config.merge.tome_r = (arg.tome_r,) if arg.tome_r else ()
   config.merge.tome_recipe = tome_recipe
+  config.merge.evit = (arg.evit,) if arg.evit else ()
+  config.merge.evit_layers = evit_layers
+  config.merge.diffrate = (arg.diffrate,) if arg.diffrate not in ("", "none") else ()
   config.input.data = arg.data
   config.input.batch_size = arg.batch_size
   config.input.limit = arg.limit or None
@@ -305,4 +360,57 @@ def table3_config(arg, *, checkpoint: str, tokenizer: str, style: str, taus, tom
   config.input.batch_size = arg.batch_size
   config.input.limit = arg.limit or None
   config.zeroshot = zeroshot_config(tokenizer=tokenizer, style=style)
+  return config
+
+
+# ----------------------------------------------------------------------------
+# Video: VideoMAE on Kinetics-400 (Table 6)
+
+
+def video_config(**fields) -> ml_collections.ConfigDict:
+  """``config.video`` (eval, video models only): how frames are sampled from each
+  video (``mame_jax.eval.video.Sampling``: VideoMAE's test-time rule, dense
+  frames at ``stride``, the short side resized to the model's image size,
+  ``clips`` x ``crops`` views per video whose softmax is averaged)."""
+  config = ml_collections.ConfigDict(dict(
+      num_frames=placeholder(int),  # frames per clip; None: the checkpoint's (16)
+      stride=4,                     # VideoMAE's frame_sample_rate on Kinetics
+      clips=1,                      # temporal views (VideoMAE's Kinetics test: 5)
+      crops=1,                      # spatial views (VideoMAE's Kinetics test: 3)
+      min_frames=placeholder(int),  # fewer decoded frames: too short; None: num_frames
+  ))
+  config.update(fields)
+  return config
+
+
+def table6_config(arg, *, checkpoint: str, taus, tome_r) -> ml_collections.ConfigDict:
+  """The evaluation config shared by ``configs/videomae_*.py`` (Table 6): the
+  baseline, MaMe at each of ``taus`` in the first 8 blocks and ToMe at each of
+  ``tome_r`` in every block (ToMe's MAE recipe: VideoMAE mean-pools like MAE),
+  on Kinetics-400 validation videos, 16 frames at stride 4, 224 px.
+
+  Data: Kinetics-400 has no tfds builder; pass the validation videos as a
+  folder of class folders (``root/<class>/<video>.mp4``, the usual layout of
+  the released videos), classes sorted by name = the checkpoints' label
+  order: ``:data=/path/to/k400/val``. The paper times FP16 at batch 1 on an
+  RTX 3090; its accuracy protocol (views per video) is not stated, VideoMAE's
+  own is 5 clips x 3 crops (``:clips=5,crops=3``).
+
+  ``arg``: ``key=value`` overrides of batch_size, dtype, data, limit (0: all
+  videos), clips and crops.
+  """
+  arg = parse_config_arg(arg, batch_size=1, dtype="float32", data="kinetics400/val",
+                         limit=0, clips=1, crops=1)
+  config = eval_config()
+  config.model.checkpoint = checkpoint
+  config.model.image_size = 224
+  config.model.dtype = arg.dtype
+  config.merge.layers = "0-7"
+  config.merge.tau = tuple(float(t) for t in taus)
+  config.merge.tome_r = tuple(int(r) for r in tome_r)
+  config.merge.tome_recipe = "mae"
+  config.input.data = arg.data
+  config.input.batch_size = arg.batch_size
+  config.input.limit = arg.limit or None
+  config.video = video_config(clips=arg.clips, crops=arg.crops)
   return config

@@ -2,14 +2,16 @@
 (DeiT)".
 
 Paper: Table 1, ViT-B (DeiT): baseline 81.83% / 17.6 GFLOPs / 2130 img/s; MaMe
-79.80% / 8.7 / 4117 (1.93x); ToMe 77.84% / 8.8 / 4023 (A100, batch 1024, FP16).
+79.80% / 8.7 / 4117 (1.93x); ToMe 77.84% / 8.8 / 4023; EViT 74.61% / 8.7 / 4230;
+DiffRate 78.98% / 8.7 / 4124 (A100, batch 1024, FP16).
 
     mame-jax eval --config configs/deit_b.py
     mame-jax eval --config configs/deit_b.py:batch_size=512,dtype=bfloat16 --limit 5000
     mame-jax eval --config configs/deit_b.py --config.merge.tau='(0.7,0.9)' --limit 5000
     mame-jax calibrate --config configs/deit_b.py --target-speedup 2 --limit 10000
 
-Rows: baseline, MaMe (tau = 0.8, first 8 blocks) and ToMe (r = 16); the
+Rows: baseline, MaMe (tau = 0.8, first 8 blocks), ToMe (r = 16), EViT and
+DiffRate (``:evit=0`` / ``:diffrate=none`` leave them out); the
 rows, the data, the GFLOPs convention and ``arg`` are described in
 ``configs/common.py`` (``table1_config``); ``--config.a.b=value`` sets any other
 field, and the short flags (``--limit``, ``--tau``, ...) win over both.
@@ -27,4 +29,5 @@ CHECKPOINT = "deit_b"
 
 
 def get_config(arg=None):
-  return common.table1_config(arg, checkpoint=CHECKPOINT, preprocess="timm", tome_r=16)
+  return common.table1_config(arg, checkpoint=CHECKPOINT, preprocess="timm", tome_r=16,
+                              evit=0.5, evit_layers="3,6,9", diffrate="deit_base@8.7")

@@ -2,14 +2,16 @@
 (DeiT)".
 
 Paper: Table 1, ViT-S (DeiT): baseline 79.82% / 4.6 GFLOPs / 5039 img/s; MaMe
-78.61% / 2.3 / 9015 (1.79x); ToMe 77.99% / 2.3 / 8874 (A100, batch 1024, FP16).
+78.61% / 2.3 / 9015 (1.79x); ToMe 77.99% / 2.3 / 8874; EViT 73.83% / 2.3 / 8950;
+DiffRate 78.75% / 2.3 / 8875 (A100, batch 1024, FP16).
 
     mame-jax eval --config configs/deit_s.py
     mame-jax eval --config configs/deit_s.py:batch_size=512,dtype=bfloat16 --limit 5000
     mame-jax eval --config configs/deit_s.py --config.merge.tau='(0.7,0.9)' --limit 5000
     mame-jax calibrate --config configs/deit_s.py --target-speedup 2 --limit 10000
 
-Rows: baseline, MaMe (tau = 0.8, first 8 blocks) and ToMe (r = 16); the
+Rows: baseline, MaMe (tau = 0.8, first 8 blocks), ToMe (r = 16), EViT and
+DiffRate (``:evit=0`` / ``:diffrate=none`` leave them out); the
 rows, the data, the GFLOPs convention and ``arg`` are described in
 ``configs/common.py`` (``table1_config``); ``--config.a.b=value`` sets any other
 field, and the short flags (``--limit``, ``--tau``, ...) win over both.
@@ -27,4 +29,5 @@ CHECKPOINT = "deit_s"
 
 
 def get_config(arg=None):
-  return common.table1_config(arg, checkpoint=CHECKPOINT, preprocess="timm", tome_r=16)
+  return common.table1_config(arg, checkpoint=CHECKPOINT, preprocess="timm", tome_r=16,
+                              evit=0.5, evit_layers="3,6,9", diffrate="deit_small@2.3")

@@ -1,7 +1,8 @@
 """MAE ViT-L/16, fine-tuned on ImageNet-1k: Table 1, "ViT-L (MAE)".
 
 Paper: Table 1, ViT-L (MAE): baseline 85.95% / 61.6 GFLOPs / 758 img/s; MaMe
-84.81% / 31.0 / 2764 (3.65x); ToMe 84.24% / 31.0 / 1550 (A100, batch 1024, FP16).
+84.81% / 31.0 / 2764 (3.65x); ToMe 84.24% / 31.0 / 1550; EViT 81.52% / 29.7 /
+1672; DiffRate 84.65% / 31.0 / 1580 (A100, batch 1024, FP16).
 
     mame-jax eval --config configs/mae_l.py
     mame-jax eval --config configs/mae_l.py:batch_size=512,dtype=bfloat16 --limit 5000
@@ -14,6 +15,10 @@ size-weighted global pool); the rows, the data, the GFLOPs convention and
 ``arg`` are described in ``configs/common.py`` (``table1_config``);
 ``--config.a.b=value`` sets any other field, and the short flags (``--limit``,
 ``--tau``, ...) win over both.
+
+EViT (keep rate 0.5 or 0.6, set for about the paper's GFLOPs) and DiffRate (its
+published schedule at the paper's GFLOPs) rows too: ``:evit=0`` / ``:diffrate=none``
+leave them out (``table1_config``).
 
 Checkpoint: the *fine-tuned* MAE ViT-L/16 classifier the paper evaluates, from
 the MAE release (``mae_finetuned_vit_large.pth``). It is a PyTorch ``.pth``:
@@ -33,4 +38,5 @@ CHECKPOINT = "mae_l"
 
 def get_config(arg=None):
   return common.table1_config(arg, checkpoint=CHECKPOINT, preprocess="timm", tome_r=8,
-                              tome_recipe="mae")
+                              tome_recipe="mae",
+                              evit=0.5, evit_layers="6,12,18", diffrate="mae_large@31.0")

@@ -20,7 +20,8 @@ except ImportError as e:
   raise ImportError(f"{e}: the notebook tests need pip install '.[test,notebooks]'") from e
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
-NAMES = ("token_clusters", "differentiable_merge", "benchmark")
+NAMES = ("token_clusters", "differentiable_merge", "benchmark", "generation",
+         "zero_shot_siglip")
 COLAB = "https://colab.research.google.com/github/mame-jax/mame-jax/blob/main/notebooks/{}.ipynb"
 
 
@@ -94,3 +95,22 @@ def test_committed_notebook_is_stripped_and_opens_in_colab(name):
   install = nb.cells[1].source
   assert "import mame_jax" in install and "except ImportError" in install and "%pip install" in install
   assert "pretrained_or_random" in nb.cells[3].source
+
+
+def test_generation_shows_grids_and_psnr_against_tau(executed):
+  nb, _, _ = executed["generation"]
+  pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+  assert len(pngs) >= 2, "the sample grids and the PSNR / SSIM curves are displayed"
+  text = _text(nb)
+  assert "| baseline" in text and "MaMe+MaRe tau=" in text and "ToMe-SD ratio=0.5" in text
+
+
+def test_zero_shot_siglip_labels_with_and_without_mame(executed):
+  nb, _, _ = executed["zero_shot_siglip"]
+  text = _text(nb)
+  assert "randomly initialised two towers" in text and "SentencePiece model trained here" in text
+  assert "probabilities sum to 1: True" in text
+  assert "baseline:" in text and "MaMe tau=0.9:" in text and "measured speedup" in text
+  pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+  assert pngs, "the image tower's token clusters are displayed"
+

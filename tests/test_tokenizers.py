@@ -111,3 +111,39 @@ def test_bad_arguments_fail_clearly(models, tmp_path):
     tokenizers.Tokenizer(tmp_path / "missing.model", 8)
   with pytest.raises(TypeError, match="strings"):
     tokenizers.Tokenizer(models["siglip"], 8)([3])
+
+
+# ------------------------------------------------- zero-shot prompt clean-up (big_vision)
+
+
+@pytest.mark.parametrize("name,want", [
+    ("St. Bernard", "st bernard"),                      # punctuation deleted, lower-cased
+    ("Geoffroy's spider monkey", "geoffroys spider monkey"),
+    ("kite (bird of prey)", "kite bird of prey"),
+    ("black-and-white colobus", "blackandwhite colobus"),  # hyphens go, words fuse
+    ("great_white  shark ", "great white shark"),       # "_" -> space, whitespace collapsed
+    ("tench, Tinca tinca", "tench"),                    # only the first alias
+    ("a ,b", "a "),                                     # split after stripping: kept as is
+    ("Éclair", "éclair"),                               # str.lower: Unicode too
+])
+def test_class_names_are_canonicalised_like_big_vision(name, want):
+  assert tokenizers.canonical_class_name(name) == want
+
+
+@pytest.mark.parametrize("template,want", [
+    ("a photo of a {}.", "a photo of a {}"),
+    ("A close-up photo of the {}.", "a closeup photo of the {}"),
+    ("itap of my {}!", "itap of my {}"),
+    ("{x} a {} b}", "x a {} b"),                        # only the exact "{}" survives
+    ("{}", "{}"),
+])
+def test_templates_keep_their_slot_and_lose_punctuation(template, want):
+  assert tokenizers.canonical_template(template) == want
+
+
+def test_templates_are_filled_by_splitting_at_the_slot():
+  assert tokenizers.fill_template("a {} of {x}", "cat") == "a cat of {x}"  # no str.format
+  with pytest.raises(ValueError, match="exactly one"):
+    tokenizers.fill_template("a {} {}", "cat")
+  assert tokenizers.canonicalize_text("A,B c", keep=",") == "a,b c"
+  assert tokenizers.canonicalize_text("A,B. c") == "ab c"

@@ -78,15 +78,21 @@ def cli_run(files):
   return json.loads(out.read_text())
 
 
+def classifier(files):
+  """One ``ZeroShot`` for the module: one compiled text tower, cached class embeddings."""
+  if "zs" not in files:
+    model, params = mame_jax.load_model(files["ckpt"], tower="both")
+    tok = tokenizers.Tokenizer(files["spm"], LENGTH, "siglip")
+    files["zs"] = zeroshot.ZeroShot(model, params, tok, templates=TEMPLATES)
+  return files["zs"]
+
+
 def independent_predictions(files, merge):
   """argmax of ``ZeroShot.classify`` (its own Runner of the image tower with
   ``merge``) over the CLI's batches (same preprocessing, same padding)."""
   model, params = mame_jax.load_model(files["ckpt"], tower="both", merge=merge)
   assert model.img.merge == merge
-  if "zs" not in files:  # one text tower for all (the class embeddings are cached)
-    tok = tokenizers.Tokenizer(files["spm"], LENGTH, "siglip")
-    files["zs"] = zeroshot.ZeroShot(model, params, tok, templates=TEMPLATES)
-  zs = files["zs"]
+  zs = classifier(files)
   zs.runner = Runner(model.img, params["img"])
   loader = data.Loader(data.load_source(files["photos"]), data.preprocess_fn("siglip", SIZE),
                        BATCH)
@@ -191,8 +197,39 @@ def test_table3_configs_name_known_checkpoints_and_tokenizers(name, taus, ckpt, 
   assert (small.input.batch_size, small.merge.tome_r, small.input.limit) == (4, (), 10)
 
 
-def test_calibrate_refuses_a_zero_shot_config_instead_of_ignoring_it(capsys):
-  rc = cli.main(["calibrate", "--config", "configs/siglip_b16_512.py", "--data", "photos",
-                 "--target-speedup", "1.5"])
-  assert rc == 2
-  assert "zero-shot" in capsys.readouterr().err
+def test_calibrate_scores_the_zero_shot_classifier_at_the_calibrated_tau(files, cli_run):
+  """``mame-jax calibrate`` with a zero-shot config: tau from the image tower's token
+  counts; the held-out rows are zero-shot rows, as in ``mame-jax eval``."""
+  out = files["root"] / "cal.json"
+  args = argv(files, "--target-speedup", "1.1", "--calib-images", "8", "--tol", "0.01",
+              "--calib-data", files["photos"], "--json", str(out))
+  assert cli.main(["calibrate", *args]) == 0
+  payload = json.loads(out.read_text())
+  assert payload["met"] and payload["speedup"] >= 1.1 and -1 <= payload["tau"] < 1
+  held = payload["heldout"]
+  assert held["num_images"] == 14 and held["preprocess"] == "siglip"  # another source: all
+  base, mame = held["rows"]
+  assert (base["method"], mame["method"]) == ("baseline", "mame")
+  # The zero-shot head is in the program (its FLOPs) and scores it: mame-jax eval's
+  # baseline, whose top-1 the test above checks against an independent classifier.
+  assert base["gflops_per_image"] == pytest.approx(cli_run["rows"][0]["gflops_per_image"])
+  assert base["top1"] == cli_run["rows"][0]["top1"]
+  assert mame["tau"] == pytest.approx(payload["tau"]) and mame["mean_tokens_per_layer"] < 16
+  assert 0 <= mame["top1"] <= 100  # (XLA counts the merge too: a 2-block toy gains little)
+
+
+def test_prompts_are_canonicalised_before_the_text_tower(files):
+  """big_vision's evaluator lower-cases and strips punctuation from class names and
+  templates (first alias only): the class embedding is that of the cleaned prompt."""
+  zs = classifier(files)
+  zs.templates = ("a photo of the {}",)  # what ("A photo of the {}!",) canonicalises to
+  clean = zeroshot.ZeroShot(zs.model, zs.params, zs.tokenizer, templates=("A photo of the {}!",))
+  assert clean.templates == zs.templates
+  assert clean.prompts(["Red_Car, automobile", "Bird."]) == [
+      "a photo of the red car", "a photo of the bird"]
+  np.testing.assert_array_equal(zs.class_embeddings(["Red_Car, automobile", "Bird."]),
+                                zs.class_embeddings(["red car", "bird"]))
+  raw = zeroshot.ZeroShot(zs.model, zs.params, zs.tokenizer, templates=("A photo of the {}!",),
+                          canonicalize=False)
+  assert raw.prompts(["Red_Car, automobile"]) == ["A photo of the Red_Car, automobile!"]
+  zs.templates = TEMPLATES

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from mame_jax.cli import eval as eval_cli
 from mame_jax.cli import flags as flags_lib
 from mame_jax.configs import common
 from mame_jax.eval import calibrate as calibrate_lib
@@ -51,23 +52,30 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
   of ``--data`` after the calibration ones (all of them when the calibration
   data are another dataset), at most ``--limit``. Every flag is a shorthand
   of a config field (``mame_jax.configs.common.calibrate_config``).
+
+  A zero-shot config (``--config.zeroshot.tokenizer`` set, e.g.
+  ``configs/siglip_b16_512.py``) loads both towers through ``mame-jax eval``'s
+  zero-shot path: tau is calibrated on the image tower's token counts (the class
+  product is a negligible, constant cost) and the held-out rows are zero-shot top-1.
   """
   config = parse(argv)
   m, inp, ev, cal_c = config.model, config.input, config.eval, config.calibrate
   try:
-    if config.get("zeroshot") is not None and config.zeroshot.get("tokenizer"):
-      # Calibration counts the image tower's tokens; it has no zero-shot head yet, so
-      # a SigLIP config would be calibrated and scored on raw embeddings.
-      raise ValueError("calibrate does not support zero-shot configs yet "
-                       "(config.zeroshot.tokenizer is set); use mame-jax eval")
     if not inp.data:
       raise ValueError("no data: pass --data NAME (--config.input.data)")
-    model, params = flags_lib.load_model_from(config)
+    data, head, kind = inp.data, {}, m.preprocess
+    if config.zeroshot.tokenizer:
+      # Zero-shot (SigLIP): tau is calibrated on the image tower's tokens, as for any
+      # ViT; the held-out rows score the zero-shot classifier (class embeddings
+      # computed once, by mame-jax eval's own zero-shot path).
+      model, params, data, head = eval_cli.zero_shot(config)
+      kind = "siglip" if kind in (None, "auto") else kind
+    else:
+      model, params = flags_lib.load_model_from(config)
     size = int(m.image_size or image_size_of(model, params))
-    kind = (data_lib.preprocess_for(model) if m.preprocess in (None, "auto")
-            else m.preprocess)
+    kind = data_lib.preprocess_for(model) if kind in (None, "auto") else kind
     label_map = flags_lib.label_map_from(inp.label_map)
-    source = data_lib.load_source(inp.data, split=inp.split, data_dir=inp.data_dir,
+    source = data_lib.load_source(data, split=inp.split, data_dir=inp.data_dir,
                                   label_map=label_map)
     calib_source = source if not cal_c.calib_data else data_lib.load_source(
         cal_c.calib_data, data_dir=inp.data_dir, label_map=label_map)
@@ -87,7 +95,7 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         tome_r=[int(r) for r in config.merge.tome_r], tome_recipe=config.merge.tome_recipe,
         batch_size=inp.batch_size,
         limit=inp.limit, preprocess=kind, image_size=size, num_devices=ev.devices,
-        runs=ev.runs, warmup=ev.warmup, progress=ev.progress)
+        runs=ev.runs, warmup=ev.warmup, progress=ev.progress, **head)
   except (ValueError, FileNotFoundError) as e:
     print(f"mame-jax calibrate: error: {e}", file=sys.stderr)
     return 2

@@ -1,6 +1,8 @@
 """``mame-jax eval``: Table 1 in one process (see ``mame_jax.eval.loop``), and
 Table 3 -- zero-shot classification with a SigLIP two-tower checkpoint -- when
-``--config.zeroshot.tokenizer`` is set (see :func:`zero_shot`)."""
+``--config.zeroshot.tokenizer`` is set (see :func:`zero_shot`). A VideoMAE
+checkpoint (a transformers folder) with a folder of video class folders gives
+Table 6 (``mame_jax.eval.video``; frames and views from ``--config.video.*``)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import jax
 from mame_jax.cli import flags as flags_lib
 from mame_jax.configs import common
 from mame_jax.eval import data as data_lib
-from mame_jax.eval import loop, report
+from mame_jax.eval import loop, methods, report
 
 
 def parse(argv: Optional[Sequence[str]] = None):
@@ -47,11 +49,22 @@ def zero_shot(config):
     data = data_lib.load_source(data, split=inp.split, data_dir=inp.data_dir,
                                 label_map=flags_lib.label_map_from(inp.label_map))
   names = zeroshot.class_names_from(zs.classes, data)
-  tok = tokenizers.Tokenizer(load.fetch(zs.tokenizer), zs.length, zs.style)
+  if zs.style == "clip":  # CLIP's BPE: the folder's (or a known name's) tokenizer.json
+    from mame_jax.models import clip  # pylint: disable=import-outside-toplevel
+    tok = tokenizers.CLIPTokenizer(clip.tokenizer_file(zs.tokenizer), zs.length)
+  else:
+    tok = tokenizers.Tokenizer(load.fetch(zs.tokenizer), zs.length, zs.style)
   classifier = zeroshot.ZeroShot(model, params, tok, templates=zeroshot.templates_from(
       zs.templates))
   head, head_params = classifier.head(names)
   return model.img, params["img"], data, {"head": head, "head_params": head_params}
+
+
+def video_sampling(config) -> dict:
+  """``config.video``'s set fields, the ``sampling`` of ``loop.evaluate`` (read
+  only for video models, e.g. a transformers VideoMAE folder)."""
+  part = config.get("video")
+  return {} if part is None else {k: v for k, v in part.to_dict().items() if v is not None}
 
 
 def cli_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -74,11 +87,12 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
     result = loop.evaluate(
         model, params, data, taus=[float(t) for t in config.merge.tau],
         tome_r=[int(r) for r in config.merge.tome_r], merge_layers=config.merge.layers,
-        tome_recipe=config.merge.tome_recipe,
+        tome_recipe=config.merge.tome_recipe, extra=methods.baseline_rows(config.merge),
         batch_size=inp.batch_size, limit=inp.limit, preprocess=preprocess,
         image_size=m.image_size, split=inp.split, data_dir=inp.data_dir,
         label_map=flags_lib.label_map_from(inp.label_map), num_devices=ev.devices,
-        runs=ev.runs, warmup=ev.warmup, progress=ev.progress, **head)
+        runs=ev.runs, warmup=ev.warmup, progress=ev.progress,
+        sampling=video_sampling(config), **head)
   except (ValueError, FileNotFoundError) as e:
     print(f"mame-jax eval: error: {e}", file=sys.stderr)
     return 2

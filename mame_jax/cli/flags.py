@@ -351,6 +351,12 @@ def add_common_flags(parser: argparse.ArgumentParser, preprocess_choices=None) -
                       help="merge.tau: MaMe thresholds, one row each")
   parser.add_argument("--tome-r", type=int, nargs="*", default=s,
                       help="merge.tome_r: ToMe r values, one row each")
+  parser.add_argument("--evit", type=float, nargs="*", default=s,
+                      help="merge.evit: EViT keep rates, one row each (blocks "
+                           "merge.evit_layers, default EViT's 3,6,9)")
+  parser.add_argument("--diffrate", nargs="*", default=s,
+                      help="merge.diffrate: DiffRate's published schedules, one row each, "
+                           "as MODEL@GFLOPS (e.g. deit_small@2.3)")
 
   def random_init(config, variant):
     config.model.variant = variant
@@ -361,6 +367,7 @@ def add_common_flags(parser: argparse.ArgumentParser, preprocess_choices=None) -
       "num_classes": "model.num_classes", "image_size": "model.image_size",
       "dtype": "model.dtype", "preprocess": "model.preprocess",
       "tau": "merge.tau", "tome_r": "merge.tome_r", "merge_layers": "merge.layers",
+      "evit": "merge.evit", "diffrate": "merge.diffrate",
       "data": "input.data", "split": "input.split", "data_dir": "input.data_dir",
       "label_map": "input.label_map", "batch_size": "input.batch_size",
       "limit": lambda config, n: set_field(config, "input.limit", n or None),

@@ -70,7 +70,7 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
           "immunohistochemistry", "brick", "camera", "clock", "coins", "grass", "gravel",
           "moon", "retina")
 
-PREPROCESS = ("big_vision", "timm", "siglip")
+PREPROCESS = ("big_vision", "timm", "siglip", "clip")
 CROP_PCT = 0.875  # 224 / 256
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
                     ".ppm", ".pgm")
@@ -181,8 +181,21 @@ def preprocess_siglip(image, size: int = 224) -> np.ndarray:
   return _value_range(_to_uint8(resize_bilinear(image, (size, size))))
 
 
+def preprocess_clip(image, size: int = 224) -> np.ndarray:
+  """CLIP's (transformers' CLIPImageProcessor): the short side resized to ``S``
+  (bicubic), a central ``S x S`` crop, values in [-1, 1] (CLIP's mean / std are
+  applied inside the model)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  image = to_rgb_uint8(image)
+  h, w = image.shape[:2]
+  hw = (size, max(size, round(size * w / h))) if h <= w else (max(size, round(size * h / w)), size)
+  resized = Image.fromarray(image).resize((hw[1], hw[0]), Image.BICUBIC)
+  return _value_range(_central_crop(np.asarray(resized), size,
+                                    rounding=lambda v: round(v / 2.0)))
+
+
 _PREPROCESS = {"big_vision": preprocess_big_vision, "timm": preprocess_timm,
-               "siglip": preprocess_siglip}
+               "siglip": preprocess_siglip, "clip": preprocess_clip}
 
 
 def preprocess_fn(kind: str, image_size: int = 224) -> Callable[[np.ndarray], np.ndarray]:
@@ -625,3 +638,14 @@ __all__ = ["Batch", "Loader", "Source", "PREPROCESS", "PHOTOS", "IMAGENETTE_WNID
            "folder_source", "imagenet_wnids",
            "load_image", "load_source", "photos_source", "preprocess_fn", "preprocess_for",
            "resize_area", "resize_bilinear", "tfds_source", "to_rgb_uint8"]
+
+
+def load_digits(size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's handwritten digits (1797 images, 8 x 8, 17 grey levels; they
+  ship with the package, no download), bilinearly upscaled (:func:`resize_bilinear`)
+  to ``size``: ``(images (N, size, size, 1) float32 in [-1, 1], labels (N,) int32)``."""
+  from sklearn.datasets import load_digits as sk_digits  # pylint: disable=import-outside-toplevel
+  digits = sk_digits()
+  grey = digits.images.transpose(1, 2, 0) / 16.0                 # (8, 8, N) in [0, 1]
+  big = resize_bilinear(grey, (size, size)).transpose(2, 0, 1)   # all N at once
+  return (big[..., None] * 2 - 1).astype(np.float32), digits.target.astype(np.int32)

@@ -61,6 +61,7 @@ line (``--tau``, ...) win over both.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Optional
 
@@ -73,6 +74,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mame_jax.eval import data as data_lib
 from mame_jax.eval import methods as methods_lib
 from mame_jax.eval import timing
+from mame_jax.eval import video as video_lib
 from mame_jax.eval.mesh import local_rows, make_mesh, sum_over_hosts
 from mame_jax.eval.runner import Runner
 from mame_jax.models.merging import DEFAULT_TAU, parse_layers
@@ -85,7 +87,7 @@ def evaluate(model, params, data, *, taus=(DEFAULT_TAU,), tome_r=(), merge_layer
              image_size=None, split=None, data_dir=None, label_map=None,
              num_devices: Optional[int] = None, runs: int = 7, warmup: int = 2,
              progress: Optional[bool] = None, stream=None, head=None,
-             head_params=None) -> dict:
+             head_params=None, sampling=None) -> dict:
   """Runs every method on the same batches; see the module docstring.
 
   Args:
@@ -115,6 +117,13 @@ def evaluate(model, params, data, *, taus=(DEFAULT_TAU,), tome_r=(), merge_layer
       (``mame_jax.eval.zeroshot.ZeroShot.head``: the image tower's embedding
       against the class embeddings). Part of every method's jitted and timed
       program (and of its GFLOPs); ``None``: the model's output are the logits.
+    sampling: video models (``mame_jax.models.videomae``) only: a
+      ``mame_jax.eval.video.Sampling`` or a dict of its fields over the default
+      (the model's ``num_frames``, stride 4, ``image_size``, one clip x one crop).
+      ``data`` is then a video source (``mame_jax.eval.video.load_source``); with
+      several views per video each view is one row of the programs, the views'
+      softmax is averaged, and images/s, GFLOPs and tokens are per *video* (all
+      its views).
 
   Returns:
     ``{"rows": [...], "num_images", "num_corrupt", "corrupt", ..., and, for
@@ -122,11 +131,22 @@ def evaluate(model, params, data, *, taus=(DEFAULT_TAU,), tome_r=(), merge_layer
     predictions of the valid rows in data order, this process's rows).
   """
   stream = sys.stderr if stream is None else stream
-  source = data_lib.load_source(data, split=split, data_dir=data_dir, label_map=label_map)
-  size = int(image_size or image_size_of(model, params))
-  kind = preprocess if callable(preprocess) else (
-      data_lib.preprocess_for(model) if preprocess in (None, "auto") else preprocess)
-  prep = kind if callable(kind) else data_lib.preprocess_fn(kind, size)
+  is_video, views = video_lib.is_video_model(model), 1
+  if is_video:  # frames sampled and cropped the VideoMAE way (mame_jax.eval.video)
+    size = int(image_size or model.image_size[0])
+    if not isinstance(sampling, video_lib.Sampling):
+      sampling = video_lib.Sampling(**{"num_frames": int(model.num_frames), "size": size,
+                                       **dict(sampling or {})})
+    size, views = sampling.size, sampling.views
+    source = video_lib.load_source(data, sampling, split=split, data_dir=data_dir,
+                                   label_map=label_map)
+    kind = prep = sampling.preprocess
+  else:
+    source = data_lib.load_source(data, split=split, data_dir=data_dir, label_map=label_map)
+    size = int(image_size or image_size_of(model, params))
+    kind = preprocess if callable(preprocess) else (
+        data_lib.preprocess_for(model) if preprocess in (None, "auto") else preprocess)
+    prep = kind if callable(kind) else data_lib.preprocess_fn(kind, size)
 
   mesh = make_mesh(num_devices)
   ndev = mesh.devices.size
@@ -161,7 +181,9 @@ def evaluate(model, params, data, *, taus=(DEFAULT_TAU,), tome_r=(), merge_layer
   bar = tqdm.tqdm(total=n_total, desc="eval", unit="img", file=stream,
                   disable=not progress or jax.process_index() != 0)
   for batch in loader:
-    x = jax.make_array_from_process_local_data(rows_sharding, batch.images)
+    # Several views per video: one row each, (B, V, T, S, S, 3) -> (B V, T, S, S, 3).
+    rows_in = batch.images if views == 1 else batch.images.reshape(-1, *batch.images.shape[2:])
+    x = jax.make_array_from_process_local_data(rows_sharding, rows_in)
     first = x if first is None else first
     valid, labels = batch.valid, batch.labels
     labelled = valid & (labels >= 0)
@@ -169,8 +191,12 @@ def evaluate(model, params, data, *, taus=(DEFAULT_TAU,), tome_r=(), merge_layer
       logits, aux = runner(x)
       if head is not None:
         logits = apply_head(head_params, logits)
-      pred = local_rows(jnp.argmax(logits, axis=-1))
-      tok = local_rows(aux["tokens_per_block"])
+      if views == 1:
+        pred = local_rows(jnp.argmax(logits, axis=-1))
+        tok = local_rows(aux["tokens_per_block"])
+      else:  # the views' mean softmax and mean token counts, per video
+        pred = video_lib.average_views(local_rows(logits), views).argmax(-1)
+        tok = local_rows(aux["tokens_per_block"]).reshape(-1, views, model.depth).mean(1)
       correct[i] += int(np.sum(pred[labelled] == labels[labelled]))
       tokens[i] += tok[valid].sum(axis=0)
       preds[i].append(pred[valid])
@@ -219,15 +245,21 @@ def evaluate(model, params, data, *, taus=(DEFAULT_TAU,), tome_r=(), merge_layer
         median_s=t.median_s, iqr_s=t.iqr_s, compile_s=t.compile_s))
   base = rows[0]
   for row in rows:
+    if is_video:
+      row["videos_per_s"] = row["images_per_s"]
     row["measured_speedup"] = row["images_per_s"] / base["images_per_s"]
     row["ideal_speedup"] = (base["gflops_per_image"] / row["gflops_per_image"]
                             if row["gflops_per_image"] else None)
+  extra_fields = {} if not is_video else dict(
+      unit="videos", sampling=dataclasses.asdict(sampling), views=views,
+      **{f"num_{k}": v for k, v in video_lib.count_problems(loader.corrupt).items()})
   return dict(
-      rows=rows, data=source.name, num_images=int(n_valid), num_labelled=int(n_labelled),
+      **extra_fields, rows=rows, data=source.name, num_images=int(n_valid), num_labelled=int(n_labelled),
       num_corrupt=int(n_corrupt), corrupt=[list(c) for c in loader.corrupt],
       batch_size=batch_size, num_devices=ndev, num_processes=jax.process_count(),
       image_size=size,
-      preprocess=kind if isinstance(kind, str) else getattr(kind, "__name__", "custom"),
+      preprocess=("videomae" if is_video else kind if isinstance(kind, str)
+                  else getattr(kind, "__name__", "custom")),
       device=timing.device_description(), date=timing.today(), timing_runs=runs,
       predictions={m.name: np.concatenate(p) if p else np.zeros((0,), np.int64)
                    for m, p in zip(methods, preds)},

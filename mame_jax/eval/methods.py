@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-from mame_jax.models.merging import DEFAULT_TAU, MergeConfig, ToMeConfig, default_layers
+from mame_jax.models.merging import (DEFAULT_TAU, DiffRateConfig, EViTConfig, MergeConfig,
+                                     ToMeConfig, default_layers, parse_layers)
 
 
 @dataclasses.dataclass
@@ -14,7 +15,7 @@ class Method:
   (``None`` for the baseline)."""
 
   name: str
-  kind: str  # "baseline", "mame" or "tome"
+  kind: str  # "baseline", "mame", "tome", "evit" or "diffrate"
   merge: Any = None
   tau: Any = None
   r: Optional[int] = None
@@ -32,6 +33,12 @@ def describe_merge(merge) -> Method:
     return Method(f"MaMe(tau={shown})", "mame", merge, tau=tau)
   if isinstance(merge, ToMeConfig):
     return Method(f"ToMe(r={merge.r})", "tome", merge, r=merge.r)
+  if isinstance(merge, EViTConfig):
+    rate = merge.keep_rate
+    shown = ",".join(f"{k:g}" for k in rate) if isinstance(rate, tuple) else f"{rate:g}"
+    return Method(f"EViT(keep={shown})", "evit", merge)
+  if isinstance(merge, DiffRateConfig):
+    return Method(f"DiffRate({merge.label or 'schedule'})", "diffrate", merge)
   raise TypeError(f"Unknown merge config {type(merge).__name__}")
 
 
@@ -42,6 +49,18 @@ def tome_rows(tome_r=(), recipe: str = "timm") -> list:
   size-weighted pool). Entries that already are ``ToMeConfig`` pass as they are."""
   return [r if isinstance(r, ToMeConfig) else ToMeConfig.recipe(recipe, r=int(r))
           for r in tome_r]
+
+
+def baseline_rows(merge_part) -> list:
+  """The EViT and DiffRate rows a config's ``merge`` part asks for: one
+  ``EViTConfig`` per ``merge.evit`` keep rate (in ``merge.evit_layers``, else
+  EViT's own blocks) and one ``DiffRateConfig.from_spec`` per ``merge.diffrate``
+  entry (``"deit_small@2.3"``). Fields the part lacks count as empty."""
+  get = merge_part.get if hasattr(merge_part, "get") else lambda k, d=None: d
+  layers = parse_layers(get("evit_layers"))
+  evit = [EViTConfig(keep_rate=float(k), **({} if layers is None else {"layers": layers}))
+          for k in (get("evit") or ())]
+  return evit + [DiffRateConfig.from_spec(s) for s in (get("diffrate") or ())]
 
 
 def build_methods(model, taus=(DEFAULT_TAU,), tome_r=(), merge_layers=None, extra=(),

@@ -17,17 +17,26 @@ TABLE_COLUMNS = ("method", "top1", "images/s", "GFLOPs/img", "tokens/layer", "sp
 def format_report(result: dict) -> str:
   """The text report: a header, the Table-1-like table and the corrupt count."""
   shown = []
+  video = result.get("unit") == "videos"  # mame_jax.eval.video: per video, all views
+  columns = TABLE_COLUMNS if not video else tuple(
+      {"images/s": "videos/s", "GFLOPs/img": "GFLOPs/video"}.get(c, c) for c in TABLE_COLUMNS)
   for r in result["rows"]:
-    shown.append({
-        "method": r["name"], "top1": r["top1"], "images/s": r["images_per_s"],
-        "GFLOPs/img": r["gflops_per_image"], "tokens/layer": r["mean_tokens_per_layer"],
-        "speedup": r["measured_speedup"], "ideal speedup": r["ideal_speedup"]})
-  head = (f"{result['data']}: {result['num_images']} images "
+    shown.append(dict(zip(columns, (
+        r["name"], r["top1"], r["images_per_s"], r["gflops_per_image"],
+        r["mean_tokens_per_layer"], r["measured_speedup"], r["ideal_speedup"]))))
+  unit = "videos" if video else "images"
+  head = (f"{result['data']}: {result['num_images']} {unit} "
           f"({result['num_labelled']} labelled), batch {result['batch_size']} on "
           f"{result['num_devices']} device(s), {result['image_size']}px "
           f"{result['preprocess']} preprocessing\n{result['device']}, {result['date']}; "
           "GFLOPs from XLA (2 per multiply-add)")
-  return "\n".join([head, timing.format_table(shown, TABLE_COLUMNS),
+  if video:
+    s = result["sampling"]
+    head += (f"\n{s['num_frames']} frames at stride {s['stride']}, {s['clips']} clip(s) x "
+             f"{s['crops']} crop(s) per video; {result['num_too_short']} too short "
+             f"(< {s['min_frames'] or s['num_frames']} frames), {result['num_corrupt_files']} "
+             "corrupt")
+  return "\n".join([head, timing.format_table(shown, columns),
                     data_lib.describe_corrupt([tuple(c) for c in result["corrupt"]])
                     if result["corrupt"] or not result["num_corrupt"]
                     else f"{result['num_corrupt']} corrupt image(s) (on other hosts)"])

@@ -696,3 +696,97 @@ def convert(src, dst, *, layout: str = "current", num_heads: Optional[int] = Non
   flat, kwargs = _read(src, num_heads)
   save_npz(flat, dst, layout=layout, meta=kwargs)
   return dst
+
+
+# ------------------------------------------------------------------------------------
+# transformers' folder layout (config.json + model.safetensors), shared by the
+# VideoMAE and CLIP readers.
+
+TRANSFORMERS_CONFIG = "config.json"
+TRANSFORMERS_WEIGHTS = "model.safetensors"
+TRANSFORMERS_INDEX = "model.safetensors.index.json"
+TRANSFORMERS_PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def transformers_files(folder, family: str = "transformers",
+                       model_class: str = "AutoModel") -> tuple:
+  """``(config.json, [safetensors files])`` of a transformers folder holding a
+  ``family`` model (named in messages). Raises ``ValueError`` naming the folder and
+  the missing file; a folder whose weights are only pickles (``pytorch_model.bin``)
+  is refused without opening them, with a conversion recipe through
+  ``model_class``."""
+  import json  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  folder = pathlib.Path(folder)
+  config = folder / TRANSFORMERS_CONFIG
+  index, single = folder / TRANSFORMERS_INDEX, folder / TRANSFORMERS_WEIGHTS
+  if single.exists():
+    weights = [single]
+  elif index.exists():
+    try:
+      shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"{index}: not a safetensors index ({e})") from e
+    weights = [folder / s for s in shards]
+  elif any((folder / p).exists() for p in TRANSFORMERS_PICKLES):
+    raise ValueError(
+        f"{folder}: holds only PyTorch pickle weights (pytorch_model.bin), which "
+        "mame-jax never unpickles. Convert the folder once, in a trusted Python session "
+        f"with transformers: `from transformers import {model_class} as M; "
+        "M.from_pretrained(folder).save_pretrained(out, safe_serialization=True)`, "
+        f"and load `out` (it holds {TRANSFORMERS_CONFIG} and {TRANSFORMERS_WEIGHTS})")
+  else:
+    raise ValueError(f"{folder}: no {TRANSFORMERS_WEIGHTS}: expected a transformers "
+                     f"{family} folder holding {TRANSFORMERS_CONFIG} and "
+                     f"{TRANSFORMERS_WEIGHTS} (as save_pretrained(..., "
+                     "safe_serialization=True) writes it)")
+  if not config.exists():
+    raise ValueError(f"{folder}: no {TRANSFORMERS_CONFIG}: a transformers {family} "
+                     f"folder needs its {TRANSFORMERS_CONFIG} beside "
+                     f"{TRANSFORMERS_WEIGHTS} (the head count, LayerNorm eps and "
+                     "activation are only stored there)")
+  return config, weights
+
+
+def read_json(path) -> dict:
+  """A JSON object file (``config.json``) as a dict; ``ValueError`` naming the file
+  if it is no JSON object."""
+  import json  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  try:
+    config = json.loads(pathlib.Path(path).read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: not a JSON file ({e})") from e
+  if not isinstance(config, dict):
+    raise ValueError(f"{path}: expected a JSON object")
+  return config
+
+
+def read_transformers_weights(paths) -> dict:
+  """The state dict of one or several safetensors files, ``{key: np.ndarray}``."""
+  state = {}
+  for p in paths:
+    if not os.path.exists(p):
+      raise ValueError(f"{p}: missing: the safetensors index names it")
+    state.update(read_arrays(p))
+  return state
+
+
+def torch_leaf(kind: str, name: str, a, num_heads: int):
+  """One torch tensor -> ``(canonical leaf name, array)``, by the ``kind`` of module
+  it belongs to: ``"norm"`` (LayerNorm ``weight``/``bias``, old files ``gamma``/
+  ``beta``), ``"conv"`` (``(D, 3, [t,] p, p)`` -> ``([t,] p, p, 3, D)``),
+  ``"dense"`` (``(out, in)`` -> ``(in, out)``), ``"in"`` (an attention input
+  projection ``(D, D)`` -> ``(D, heads, head_dim)``; its bias ``(D,)`` ->
+  ``(heads, head_dim)``) or ``"out"`` (``(D, D)`` -> ``(heads, head_dim, D)``)."""
+  if kind == "norm":
+    return {"weight": "scale", "gamma": "scale", "bias": "bias", "beta": "bias"}[name], a
+  if name == "bias":
+    return "bias", (a.reshape(num_heads, -1) if kind == "in" else a)
+  if kind == "conv":
+    return "kernel", a.transpose(*range(2, a.ndim), 1, 0)
+  if kind == "dense":
+    return "kernel", a.T
+  if kind == "in":
+    return "kernel", a.T.reshape(a.shape[1], num_heads, -1)
+  return "kernel", a.T.reshape(num_heads, -1, a.shape[0])

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mame_jax.models import checkpoints, siglip, videomae, vit
+from mame_jax.models import checkpoints, clip, siglip, videomae, vit
 
 CACHE_ENV = "MAME_JAX_CACHE"
 OFFLINE_ENV = "MAME_JAX_OFFLINE"
@@ -280,7 +280,8 @@ def load_model(source=None, *, variant: Optional[str] = None, num_classes: int =
     cache_dir: where downloads go (default ``$MAME_JAX_CACHE`` or
       ``~/.cache/mame_jax``).
     timeout: seconds to wait for a connection and for each read of a download.
-    tower: for SigLIP / SigLIP 2 files (:mod:`~mame_jax.models.siglip`):
+    tower: for SigLIP / SigLIP 2 files (:mod:`~mame_jax.models.siglip`) and CLIP
+      folders (:mod:`~mame_jax.models.clip`, known names ``clip_l14``, ...):
       ``None`` (default) loads what the file holds -- a ``two_towers.Model`` for a
       two-tower file, a ViT otherwise; ``"img"`` the image tower alone as a plain
       ViT (what every ViT command wants); ``"txt"`` the text tower alone;
@@ -321,7 +322,17 @@ def load_model(source=None, *, variant: Optional[str] = None, num_classes: int =
     return videomae.load_files(files[videomae.CONFIG_FILE], [files[videomae.WEIGHTS_FILE]],
                                merge=merge, image_size=image_size, source=source,
                                **overrides)
+  if (isinstance(source, str) and source in clip.KNOWN_FOLDERS
+      and not os.path.exists(source)):  # a CLIP hub folder: config and weights
+    files = {f: download(url, cache_dir=cache_dir, timeout=timeout)
+             for f, url in clip.hub_urls(source).items() if f != clip.TOKENIZER_FILE}
+    return clip.load_files(files[checkpoints.TRANSFORMERS_CONFIG],
+                           [files[checkpoints.TRANSFORMERS_WEIGHTS]], tower=tower or "both",
+                           merge=merge, image_size=image_size, source=source, **overrides)
   path = fetch(source, cache_dir=cache_dir, timeout=timeout)
+  if path.is_dir() and clip.is_clip_folder(path):  # transformers' CLIPModel folder
+    return clip.load_model(path, tower=tower or "both", merge=merge, image_size=image_size,
+                           **overrides)
   if path.is_dir():  # transformers' folder layout (config.json + model.safetensors)
     return videomae.load_model(path, merge=merge, image_size=image_size, **overrides)
   if tower not in (None, "img") or (
@@ -348,16 +359,19 @@ def random_vit(image_size: int = 224, *, depth: int = 8, width: int = 192, seed:
   return model, random_params(model, image_size, seed)
 
 
-def random_params(model, image_size=224, seed: int = 0) -> dict:
+def random_params(model, image_size=224, seed: int = 0, *, inputs=None) -> dict:
   """Random parameters for ``model`` at ``image_size`` (``S`` or ``(H, W)``),
   drawn with NumPy on the shapes ``jax.eval_shape(model.init)`` gives: every
   kernel ~ N(0, 1/fan_in) (LeCun normal), ``pos_embedding`` ~ N(0, 1/D) as in
   ``vit.py``, biases and ``cls`` zero, LayerNorm scales one. Compiling flax's
   initialisers takes longer on a CPU than everything a notebook then does with
-  the model."""
+  the model. ``inputs``: the ``init`` inputs (``ShapeDtypeStruct`` s) of a model that
+  takes no image, e.g. ``(ids (1, L) int32,)`` for a text tower, whose token
+  embedding is drawn like ``pos_embedding``."""
   h, w = vit.pair(image_size)
-  dummy = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
-  shapes = jax.eval_shape(model.clone(merge=None).init, jax.random.key(seed), dummy)["params"]
+  dummy = (jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32),) if inputs is None else inputs
+  init_model = model.clone(merge=None) if hasattr(model, "merge") else model
+  shapes = jax.eval_shape(init_model.init, jax.random.key(seed), *dummy)["params"]
   rng = np.random.default_rng(seed)
 
   def draw_leaf(path, leaf):
@@ -371,7 +385,7 @@ def random_params(model, image_size=224, seed: int = 0) -> dict:
       else:
         fan_in = int(np.prod(shape[:-1]))       # Dense (in, out), Conv (p, p, 3, D)
       value = rng.normal(0, 1 / np.sqrt(fan_in), shape)
-    elif names[-1] in ("pos_embedding", "probe"):
+    elif names[-1] in ("pos_embedding", "probe", "embedding"):
       value = rng.normal(0, 1 / np.sqrt(shape[-1]), shape)
     elif names[-1] == "scale":
       value = np.ones(shape)

@@ -24,12 +24,17 @@ preserved tokens beyond the capacity are discarded).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
+from importlib import resources
 from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
 
+from mame_jax import diffrate as diffrate_lib
+from mame_jax import evit as evit_lib
 from mame_jax import tome as tome_lib
 from mame_jax.merge import PARTITIONS, SIMILARITIES, is_traced, mame, num_sources
 
@@ -213,6 +218,212 @@ class ToMeConfig:
     y, size, record = tome_lib.tome(x, self.r, metric=keys, size=size,
                                     class_token=num_special > 0, order=self.order)
     return y, jnp.ones(y.shape[:2], bool), size, {"record": record}
+
+
+# EViT's own placement (youweiliang/evit: ``drop_loc=(3, 6, 9)``, 0-based): blocks
+# 4, 7 and 10 of a 12-block ViT.
+EVIT_LAYERS = (3, 6, 9)
+
+
+@dataclasses.dataclass(frozen=True)
+class EViTConfig:
+  """EViT (Liang et al. 2022) inside a model's blocks, training-free, for comparison.
+
+  In each of ``layers``, after attention, the ``ceil(keep_rate * n)`` patch tokens
+  the class token attends to most are kept and the rest fused into one token
+  (:mod:`mame_jax.evit`). Needs a class token (``num_special >= 1``).
+
+  Attributes:
+    keep_rate: one rate for every layer, or a tuple with one per entry of ``layers``.
+    layers: the pruning blocks (0-based); EViT's default ``(3, 6, 9)``.
+    fuse: fuse the inattentive tokens into one (EViT's ``--fuse_token``), else drop them.
+  """
+
+  keep_rate: Union[float, tuple] = 0.7
+  layers: tuple = EVIT_LAYERS
+  fuse: bool = True
+
+  def __post_init__(self):
+    object.__setattr__(self, "layers", _int_tuple(self.layers, "layers"))
+    rates = self.keep_rate
+    if isinstance(rates, (list, tuple)):
+      rates = tuple(rates)
+      if len(rates) != len(self.layers):
+        raise ValueError(f"EViTConfig.keep_rate needs one rate per layer (layers="
+                         f"{self.layers}: {len(self.layers)}); got {len(rates)}: {rates!r}")
+    for i, r in enumerate(rates if isinstance(rates, tuple) else (rates,)):
+      if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+        raise ValueError(f"EViTConfig.keep_rate{'' if not isinstance(rates, tuple) else f'[{i}]'}"
+                         f" must be in (0, 1]; got {r!r}")
+    object.__setattr__(self, "keep_rate", tuple(float(r) for r in rates)
+                       if isinstance(rates, tuple) else float(rates))
+
+  def replace(self, **kw) -> "EViTConfig":
+    return dataclasses.replace(self, **kw)
+
+  def rate_of(self, layer: int) -> float:
+    if isinstance(self.keep_rate, tuple):
+      return self.keep_rate[self.layers.index(layer)]
+    return self.keep_rate
+
+  def needs_cls_attention(self, layer: int) -> bool:
+    """The block computes the class token's attention row for this layer."""
+    return layer in self.layers and self.rate_of(layer) < 1
+
+  def check_depth(self, depth: int) -> None:
+    beyond = [l for l in self.layers if l >= depth]
+    if beyond:
+      raise ValueError(f"EViTConfig.layers {self.layers}: block(s) {beyond} are beyond the "
+                       f"model's depth {depth}")
+
+  def __call__(self, x, token_mask, size, keys, *, layer, num_special=0, cls_attn=None):
+    """Block hook: ``x (B, L, D) -> (B, 1 + k + fuse, D)`` in EViT layers."""
+    if not self.needs_cls_attention(layer):
+      return x, token_mask, size, {}
+    if num_special < 1:
+      raise ValueError(f"EViT (block {layer}) needs a class token: the model has none")
+    if cls_attn is None:
+      raise ValueError(f"EViT (block {layer}) needs the class token's attention row: run it "
+                       "in a mame_jax.models.vit model")
+    keep = evit_lib.keep_count(x.shape[1] - 1, self.rate_of(layer))
+    y, record = evit_lib.evit(x, cls_attn, keep, fuse=self.fuse)
+    if record is None:
+      return x, token_mask, size, {}
+    return y, jnp.ones(y.shape[:2], bool), None, {"record": record}
+
+
+# DiffRate's published schedules (OpenGVLab/DiffRate, compression_rate.json):
+# short model names -> that file's keys.
+DIFFRATE_MODELS = {"deit_tiny": "ViT-T-DeiT", "deit_small": "ViT-S-DeiT",
+                   "deit_base": "ViT-B-DeiT", "mae_base": "ViT-B-MAE",
+                   "mae_large": "ViT-L-MAE", "mae_huge": "ViT-H-MAE"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffRateConfig:
+  """DiffRate (Chen et al. 2023) inside a model's blocks, with a given schedule.
+
+  In every block, after attention: sort by class attention, prune to ``prune[i]``
+  tokens, merge to ``merge[i]`` (:mod:`mame_jax.diffrate`), with proportional
+  attention on the tracked sizes. Counts include the class token.
+
+  Attributes:
+    prune, merge: one count per block (the model's depth); they never grow:
+      ``prune[i] >= merge[i] >= prune[i + 1]``.
+    label: a short name for tables (``published`` sets ``"deit_small@2.3"``).
+    note: where the schedule came from (``published`` says so, and what it clamped).
+  """
+
+  prune: tuple
+  merge: tuple
+  label: str = dataclasses.field(default="", compare=False)
+  note: str = dataclasses.field(default="", compare=False)
+
+  prop_attn = True  # DiffRate's attention always adds log(size)
+
+  def __post_init__(self):
+    prune = _int_tuple(self.prune, "DiffRateConfig.prune")
+    merge = _int_tuple(self.merge, "DiffRateConfig.merge")
+    if len(prune) != len(merge) or not prune:
+      raise ValueError(f"DiffRateConfig.prune and .merge need one count per block, the same "
+                       f"number; got {len(prune)} and {len(merge)}")
+    last = None
+    for i, (p, m) in enumerate(zip(prune, merge)):
+      if m < 1:
+        raise ValueError(f"DiffRateConfig: block {i} keeps {m} tokens; at least 1 (the class "
+                         "token) must stay")
+      if m > p:
+        raise ValueError(f"DiffRateConfig: block {i}'s merge count {m} exceeds its prune "
+                         f"count {p}; counts must not grow")
+      if last is not None and p > last:
+        raise ValueError(f"DiffRateConfig: block {i}'s prune count {p} exceeds block {i - 1}'s "
+                         f"merge count {last}; counts must not grow (DiffRateConfig.published "
+                         "clamps DiffRate's own schedules)")
+      last = m
+    object.__setattr__(self, "prune", prune)
+    object.__setattr__(self, "merge", merge)
+
+  @classmethod
+  def published(cls, model: str, gflops: float) -> "DiffRateConfig":
+    """A schedule DiffRate publishes: ``model`` in ``DIFFRATE_MODELS``
+    ("deit_small", "mae_base", ...), ``gflops`` one of its targets (e.g. 2.3 for
+    DeiT-S, 8.7 for DeiT-B). Some of those schedules let a count grow from one
+    step to the next, which DiffRate's code silently clamps (a slice or a merge
+    cannot add tokens); here the clamping is explicit -- every count becomes the
+    smallest count so far -- and ``note`` lists what changed."""
+    table = published_schedules()
+    if model not in DIFFRATE_MODELS:
+      raise ValueError(f"DiffRate model must be one of {tuple(DIFFRATE_MODELS)}; got {model!r}")
+    rows = table[DIFFRATE_MODELS[model]]
+    match = [k for k in rows if math.isclose(float(k), float(gflops))]
+    if not match:
+      raise ValueError(f"DiffRate publishes no {model} schedule at {gflops} GFLOPs; it has "
+                       f"{sorted(rows, key=float)}")
+    row = rows[match[0]]
+    counts, changed, low = [], [], None
+    for i, (p, m) in enumerate(zip(row["prune_kept_num"], row["merge_kept_num"])):
+      for name, v in (("prune", p), ("merge", m)):
+        low = v if low is None else min(low, v)
+        if low != v:
+          changed.append(f"block {i} {name} {v}->{low}")
+        counts.append(low)
+    note = f"DiffRate's published {model} schedule at {match[0]} GFLOPs"
+    if changed:
+      note += " (clamped so that no count grows: " + ", ".join(changed) + ")"
+    return cls(prune=tuple(counts[0::2]), merge=tuple(counts[1::2]),
+               label=f"{model}@{match[0]}", note=note)
+
+  @classmethod
+  def from_spec(cls, spec: str) -> "DiffRateConfig":
+    """``"deit_small@2.3"`` (model ``@`` GFLOPs) -> :meth:`published`."""
+    model, sep, gflops = str(spec).partition("@")
+    try:
+      value = float(gflops)
+    except ValueError:
+      value = None
+    if not sep or value is None:
+      raise ValueError(f"a DiffRate schedule is named MODEL@GFLOPS, e.g. 'deit_small@2.3' "
+                       f"(models: {tuple(DIFFRATE_MODELS)}); got {spec!r}")
+    return cls.published(model.strip(), value)
+
+  def replace(self, **kw) -> "DiffRateConfig":
+    return dataclasses.replace(self, **kw)
+
+  def needs_cls_attention(self, layer: int) -> bool:
+    return layer < len(self.prune)
+
+  def check_depth(self, depth: int) -> None:
+    if len(self.prune) != depth:
+      raise ValueError(f"DiffRateConfig has counts for {len(self.prune)} blocks; the model has "
+                       f"{depth}")
+
+  def __call__(self, x, token_mask, size, keys, *, layer, num_special=0, cls_attn=None):
+    """Block hook: ``x (B, L, D) -> (B, merge[layer], D)``, sizes tracked."""
+    if layer >= len(self.prune):
+      raise ValueError(f"DiffRateConfig has counts for {len(self.prune)} blocks; block {layer} "
+                       "has none")
+    p, m = self.prune[layer], self.merge[layer]
+    if p > x.shape[1]:
+      raise ValueError(f"DiffRateConfig: block {layer}'s prune count {p} exceeds the "
+                       f"{x.shape[1]} tokens there are")
+    if m == x.shape[1]:
+      return x, token_mask, size, {}
+    if num_special < 1:
+      raise ValueError(f"DiffRate (block {layer}) needs a class token: the model has none")
+    if cls_attn is None:
+      raise ValueError(f"DiffRate (block {layer}) needs the class token's attention row: run "
+                       "it in a mame_jax.models.vit model")
+    y, size, record = diffrate_lib.diffrate(x, cls_attn, size, p, m)
+    return y, jnp.ones(y.shape[:2], bool), size, {"record": record}
+
+
+@functools.lru_cache(maxsize=None)
+def published_schedules() -> dict:
+  """DiffRate's published schedules, ``{model: {gflops: {"prune_kept_num": [...],
+  "merge_kept_num": [...]}}}``, from the data file shipped with this package."""
+  with resources.files("mame_jax").joinpath("data/diffrate_schedules.json").open() as f:
+    table = json.load(f)
+  return {k: v for k, v in table.items() if not k.startswith("_")}
 
 
 def merge_records(aux: dict) -> list[dict]:

@@ -36,8 +36,12 @@ import numpy as np
 
 from mame_jax.models import vit
 
-# big_vision's text_transformer pool types ("mean" = "gap", "gmp" = "max").
-POOL_TYPES = ("last", "first", "gap", "mean", "max", "gmp", "map")
+# big_vision's text_transformer pool types ("mean" = "gap", "gmp" = "max"), and
+# CLIP's two end-of-text rules (transformers' CLIPTextTransformer): "eos", the first
+# position holding ``eos_id``; "argmax", the position of the largest id (the rule
+# kept for configs whose eos_token_id is the legacy 2, where the end-of-text token
+# is the vocabulary's last id).
+POOL_TYPES = ("last", "first", "gap", "mean", "max", "gmp", "map", "eos", "argmax")
 # Added to the norm before dividing, as big_vision's two towers do.
 NORM_EPS = 1e-8
 
@@ -82,6 +86,10 @@ class _TextTransformer(nn.Module):
     normalize: L2-normalise the output (the two-tower model normalises itself and
       builds its text tower with ``normalize=False``).
     dtype_mm, dtype, attention: as in ``vit.Model``.
+    causal: causal self-attention (CLIP; big_vision's tower has none).
+    eos_id: the end-of-text id that ``pool_type="eos"`` looks for.
+    ln_eps, activation, gelu_approximate: the blocks' LayerNorm epsilon and MLP
+      nonlinearity (``vit.Encoder``'s; CLIP: 1e-5 and "quick_gelu").
   """
 
   num_classes: Optional[int] = None
@@ -99,11 +107,18 @@ class _TextTransformer(nn.Module):
   dtype_mm: Any = "float32"
   dtype: Any = "float32"
   attention: str = "auto"
+  causal: bool = False
+  eos_id: Optional[int] = None
+  ln_eps: float = vit.LN_EPS
+  activation: str = "gelu"
+  gelu_approximate: bool = True
 
   @nn.compact
   def __call__(self, texts, *, train=False):
     if self.pool_type not in POOL_TYPES:
       raise ValueError(f"Unknown text pool type {self.pool_type!r}; one of {POOL_TYPES}")
+    if self.pool_type == "eos" and self.eos_id is None:
+      raise ValueError("pool_type='eos' needs eos_id, the end-of-text token id")
     check_texts(texts, self.max_len)
     out = {}
     embedding = nn.Embed(self.vocab_size, self.width, name="Embed_0",
@@ -119,6 +134,8 @@ class _TextTransformer(nn.Module):
         depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
         dropout=self.dropout, scan=self.scan, remat_policy=self.remat_policy,
         dtype_mm=self.dtype_mm, dtype=self.dtype, attention=self.attention,
+        causal=self.causal, ln_eps=self.ln_eps, activation=self.activation,
+        gelu_approximate=self.gelu_approximate,
         name="Encoder_0")(x, deterministic=not train)
     out.update(enc)
     # Pooling and the head in float32, as in the image tower.
@@ -128,6 +145,12 @@ class _TextTransformer(nn.Module):
       x = x[:, -1]
     elif self.pool_type == "first":
       x = x[:, 0]
+    elif self.pool_type in ("eos", "argmax"):
+      # jnp.argmax takes the first of equal values, as torch's: the first EOS, and
+      # with EOS padding the real end of the text.
+      ids = jnp.asarray(texts, jnp.int32)
+      at = jnp.argmax(ids == self.eos_id if self.pool_type == "eos" else ids, axis=-1)
+      x = jnp.take_along_axis(x, at[:, None, None], axis=1)[:, 0]
     elif self.pool_type in ("gap", "mean"):
       x = jnp.mean(x, axis=1)
     elif self.pool_type in ("max", "gmp"):

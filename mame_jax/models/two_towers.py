@@ -46,12 +46,16 @@ class Model(nn.Module):
       float32 rounding.)
     temperature_init: ``t`` starts at ``log(temperature_init)``.
     bias_init: ``b`` starts there; ``None``: the model has no ``b`` (as big_vision).
+    activation: what the logits were trained with, and so what turns them into
+      probabilities: ``"sigmoid"`` (SigLIP's pairwise loss) or ``"softmax"`` (over
+      the texts: CLIP's contrastive loss). No parameter depends on it.
   """
 
   img: Optional[nn.Module] = None
   txt: Optional[nn.Module] = None
   temperature_init: float = 1.0
   bias_init: Optional[float] = None
+  activation: str = "sigmoid"
 
   @nn.compact
   def __call__(self, images=None, texts=None, *, train=False):

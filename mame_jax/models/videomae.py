@@ -47,10 +47,10 @@ import numpy as np
 
 from mame_jax.models import checkpoints, vit
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
-PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+CONFIG_FILE = checkpoints.TRANSFORMERS_CONFIG
+WEIGHTS_FILE = checkpoints.TRANSFORMERS_WEIGHTS
+WEIGHTS_INDEX = checkpoints.TRANSFORMERS_INDEX
+PICKLE_FILES = checkpoints.TRANSFORMERS_PICKLES
 # PyTorch nn.LayerNorm's default eps, which transformers' fc_norm keeps.
 FC_NORM_EPS = 1e-5
 DEFAULT_LN_EPS = 1e-12  # transformers' VideoMAEConfig.layer_norm_eps
@@ -246,59 +246,23 @@ def _problem(source, what) -> ValueError:
 
 
 def find_files(folder) -> tuple[pathlib.Path, list]:
-  """``(config.json, [safetensors files])`` of a transformers folder. Raises
-  ``ValueError`` naming the folder and the missing file; a folder whose weights
-  are only pickles (``pytorch_model.bin``) is refused without opening them."""
-  folder = pathlib.Path(folder)
-  config = folder / CONFIG_FILE
-  index, single = folder / WEIGHTS_INDEX, folder / WEIGHTS_FILE
-  if single.exists():
-    weights = [single]
-  elif index.exists():
-    try:
-      shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (ValueError, KeyError, TypeError) as e:
-      raise _problem(index, f"not a safetensors index ({e})") from e
-    weights = [folder / s for s in shards]
-  elif any((folder / p).exists() for p in PICKLE_FILES):
-    raise _problem(folder, (
-        "holds only PyTorch pickle weights (pytorch_model.bin), which mame-jax never "
-        "unpickles. Convert the folder once, in a trusted Python session with "
-        "transformers: `from transformers import VideoMAEForVideoClassification as M; "
-        "M.from_pretrained(folder).save_pretrained(out, safe_serialization=True)`, "
-        "and load `out` (it holds config.json and model.safetensors)"))
-  else:
-    raise _problem(folder, f"no {WEIGHTS_FILE}: expected a transformers VideoMAE "
-                   f"folder holding {CONFIG_FILE} and {WEIGHTS_FILE} (as "
-                   "save_pretrained(..., safe_serialization=True) writes it)")
-  if not config.exists():
-    raise _problem(folder, f"no {CONFIG_FILE}: a transformers VideoMAE folder needs "
-                   f"its {CONFIG_FILE} beside {WEIGHTS_FILE} (the head count, "
-                   "LayerNorm eps, pooling and hidden_act are only stored there)")
-  return config, weights
+  """``(config.json, [safetensors files])`` of a transformers folder
+  (``checkpoints.transformers_files``: missing files and pickle-only folders are
+  refused with a message naming them)."""
+  return checkpoints.transformers_files(folder, "VideoMAE",
+                                        "VideoMAEForVideoClassification")
 
 
 def read_config(path) -> dict:
-  """``config.json`` as a dict; ``ValueError`` naming the file if it is no JSON object."""
-  try:
-    config = json.loads(pathlib.Path(path).read_text())
-  except (ValueError, UnicodeDecodeError) as e:
-    raise _problem(path, f"not a JSON file ({e})") from e
-  if not isinstance(config, dict):
-    raise _problem(path, "expected a JSON object")
+  """``config.json`` as a dict; ``ValueError`` naming the file if it is no JSON
+  object or not a VideoMAE config."""
+  config = checkpoints.read_json(path)
   if config.get("model_type", "videomae") != "videomae":
     raise _problem(path, f"model_type is {config['model_type']!r}, expected 'videomae'")
   return config
 
 
-def read_weights(paths) -> dict:
-  """The state dict of one or several safetensors files, ``{key: np.ndarray}``."""
-  state = {}
-  for p in paths:
-    if not pathlib.Path(p).exists():
-      raise _problem(p, "missing: the safetensors index names it")
-    state.update(checkpoints.read_arrays(p))
-  return state
+read_weights = checkpoints.read_transformers_weights
 
 
 def _strip(state: Mapping, names: Optional[dict] = None) -> dict:
@@ -314,19 +278,7 @@ def _strip(state: Mapping, names: Optional[dict] = None) -> dict:
   return out
 
 
-def _leaf(kind, name, a, num_heads):
-  """One torch tensor -> ``(canonical leaf name, array)``."""
-  if kind == "norm":  # old transformers files name LayerNorm params gamma / beta
-    return {"weight": "scale", "gamma": "scale", "bias": "bias", "beta": "bias"}[name], a
-  if name == "bias":
-    return "bias", a
-  if kind == "conv":  # (D, 3, ts, p, p) -> (ts, p, p, 3, D)
-    return "kernel", a.transpose(2, 3, 4, 1, 0)
-  if kind == "dense":  # (out, in) -> (in, out)
-    return "kernel", a.T
-  if kind == "in":  # (D_out, D_in) -> (D_in, heads, head_dim)
-    return "kernel", a.T.reshape(a.shape[1], num_heads, -1)
-  return "kernel", a.T.reshape(num_heads, -1, a.shape[0])  # "out": (heads, hd, D)
+_leaf = checkpoints.torch_leaf  # one torch tensor -> (canonical leaf, array)
 
 
 def infer_architecture(config: Mapping, state: Mapping, source="checkpoint") -> dict:

@@ -156,20 +156,48 @@ def cast_params(params, dtype):
   return jax.tree.map(cast, params)
 
 
-def merge_hook(merge, layer, num_special, x, token_mask, size, keys):
+def merge_hook(merge, layer, num_special, x, token_mask, size, keys, cls_attn=None):
   """The one place where a block hands its tokens to the merge.
 
   ``x (B, L, D)``, ``token_mask (B, L) bool``, ``size (B, L) float32`` (``None``
-  when nothing merges), ``keys (B, L, head_dim)`` ->
+  when nothing merges), ``keys (B, L, head_dim)``, ``cls_attn (B, L)`` (the class
+  token's attention row averaged over heads, only for a merge whose
+  ``needs_cls_attention(layer)`` is true) ->
   ``(x (B, L', D), token_mask (B, L'), size (B, L') | None, aux: dict)``.
 
   ``merge=None`` is the identity; otherwise ``merge`` is a config from
-  ``mame_jax.models.merging`` (``MergeConfig`` or ``ToMeConfig``), or any callable
+  ``mame_jax.models.merging`` (``MergeConfig``, ``ToMeConfig``, ``EViTConfig``,
+  ``DiffRateConfig``), or any callable
   ``merge(x, token_mask, size, keys, layer=..., num_special=...)``.
   """
   if merge is None:
     return x, token_mask, size, {}
+  if cls_attn is not None:
+    return merge(x, token_mask, size, keys, layer=layer, num_special=num_special,
+                 cls_attn=cls_attn)
   return merge(x, token_mask, size, keys, layer=layer, num_special=num_special)
+
+
+def needs_cls_attention(merge, layer) -> bool:
+  """Whether ``merge`` wants the class token's attention row in block ``layer``
+  (EViT and DiffRate rank tokens by it)."""
+  wants = getattr(merge, "needs_cls_attention", None)
+  return bool(wants(layer)) if wants is not None else False
+
+
+def class_attention(q0, k, token_mask=None, bias=None):
+  """The class token's attention row, averaged over heads: ``q0 (B, H, hd)`` (the
+  class token's query), ``k (B, L, H, hd)``, ``token_mask (B, L)``, ``bias (B, L)``
+  -> ``(B, L)`` float32. One query against every key, computed on its own so
+  that the block's attention keeps its fused kernel."""
+  scale = 1.0 / math.sqrt(q0.shape[-1])
+  logits = jnp.einsum("bhd,blhd->bhl", q0.astype(jnp.float32), k.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST) * scale
+  if bias is not None:
+    logits = logits + bias[:, None, :].astype(jnp.float32)
+  if token_mask is not None:
+    logits = jnp.where(token_mask[:, None, :], logits, MASKED_LOGIT)
+  return jax.nn.softmax(logits, axis=-1).mean(axis=1)
 
 
 class MlpBlock(nn.Module):
@@ -180,16 +208,22 @@ class MlpBlock(nn.Module):
   dtype_mm: Any = "float32"
   gelu_approximate: bool = True  # big_vision: tanh GELU; timm: exact erf GELU
   dtype: Any = "float32"  # of the GELU (the activations)
+  activation: str = "gelu"  # ACTIVATIONS; OpenAI CLIP: "quick_gelu"
 
   @nn.compact
   def __call__(self, x, deterministic=True):
+    _check_choice(self.activation, ACTIVATIONS, "activation")
     dense = functools.partial(
         nn.Dense, dtype=self.dtype_mm, param_dtype=jnp.float32,
         kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6))
     d = x.shape[-1]
     y = dense(self.mlp_dim or 4 * d)(x)
-    y = nn.gelu(y.astype(self.dtype), approximate=self.gelu_approximate)
+    y = y.astype(self.dtype)
+    if self.activation == "quick_gelu":  # x * sigmoid(1.702 x), what OpenAI CLIP trained with
+      y = y * jax.nn.sigmoid(1.702 * y)
+    else:
+      y = nn.gelu(y, approximate=self.gelu_approximate)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     return dense(d)(y)
 
@@ -214,6 +248,9 @@ ATTENTION_BIAS = ("add", "fold")
 # the real tokens come first, which MaMe and ToMe guarantee); "auto": "lengths"
 # with a MergeConfig / ToMeConfig merge, else "mask".
 ATTENTION_MASK = ("auto", "mask", "lengths")
+# The MLP's nonlinearity: "gelu" (tanh or erf, by gelu_approximate) or "quick_gelu"
+# (x * sigmoid(1.702 x), OpenAI CLIP's).
+ACTIVATIONS = ("gelu", "quick_gelu")
 # cuDNN's flash attention needs a head dim that is a multiple of 8.
 CUDNN_HEAD_MULTIPLE = 8
 
@@ -258,22 +295,26 @@ def fold_key_bias(q, k, v, bias, scale, multiple=1):
   return q, k, v
 
 
-def manual_attention(q, k, v, token_mask=None, bias=None):
+def manual_attention(q, k, v, token_mask=None, bias=None, causal=False):
   """The hand-written attention: ``q (B, Q, H, hd)``, ``k, v (B, L, H, hd)``,
   ``token_mask (B, L) bool``, ``bias (B, L)`` -> ``(B, Q, H, hd)``. Float32 logits
-  and softmax; masked keys get ``MASKED_LOGIT``."""
+  and softmax; masked keys get ``MASKED_LOGIT``; ``causal``: query ``i`` sees keys
+  ``<= i`` only (CLIP's text tower)."""
   q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
   if bias is not None:
     logits = logits + bias[:, None, None, :].astype(jnp.float32)
   if token_mask is not None:
     logits = jnp.where(token_mask[:, None, None, :], logits, MASKED_LOGIT)
+  if causal:
+    nq, nk = q.shape[1], k.shape[1]
+    logits = jnp.where(jnp.tril(jnp.ones((nq, nk), bool)), logits, MASKED_LOGIT)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
 def fused_attention(q, k, v, token_mask=None, bias=None, *, implementation="auto",
-                    bias_mode="add", mask_is_prefix=False):
+                    bias_mode="add", mask_is_prefix=False, causal=False):
   """Attention through ``jax.nn.dot_product_attention``; same arguments and result
   as :func:`manual_attention`, plus:
 
@@ -281,6 +322,7 @@ def fused_attention(q, k, v, token_mask=None, bias=None, *, implementation="auto
     bias_mode: "add" or "fold" (see ``ATTENTION_BIAS``).
     mask_is_prefix: ``token_mask`` holds the real tokens first; it is then passed as
       ``key_value_seq_lengths`` (no (B, 1, Q, L) mask tensor for cuDNN).
+    causal: query ``i`` attends to keys ``<= i`` (``is_causal``).
 
   The logits are ``q k^T / sqrt(hd)`` in float32 (XLA: ``preferred_element_type``
   float32, softmax in float32), as in the manual path.
@@ -290,7 +332,8 @@ def fused_attention(q, k, v, token_mask=None, bias=None, *, implementation="auto
     if _cudnn_eligible(q.dtype, hd + (CUDNN_HEAD_MULTIPLE if bias_mode == "fold" else 0)):
       try:
         return fused_attention(q, k, v, token_mask, bias, implementation="cudnn",
-                               bias_mode=bias_mode, mask_is_prefix=mask_is_prefix)
+                               bias_mode=bias_mode, mask_is_prefix=mask_is_prefix,
+                               causal=causal)
       except (NotImplementedError, RuntimeError, ValueError):
         pass  # cuDNN refused this shape or is missing: XLA computes the same thing.
     impl = None
@@ -314,7 +357,8 @@ def fused_attention(q, k, v, token_mask=None, bias=None, *, implementation="auto
     else:
       bias4 = bias4.astype(jnp.float32)
   y = jax.nn.dot_product_attention(q, k, v, bias=bias4, mask=mask, scale=scale,
-                                   key_value_seq_lengths=lengths, implementation=impl)
+                                   key_value_seq_lengths=lengths, implementation=impl,
+                                   is_causal=causal)
   return y[..., :hd]
 
 
@@ -340,6 +384,9 @@ class MultiHeadDotProductAttention(nn.Module):
   # biases); a key bias only shifts each query's logits by a constant, so it is
   # left out rather than held at zero.
   use_key_bias: bool = True
+  causal: bool = False  # query i sees keys <= i (CLIP's text tower)
+  # Also return the class token's attention row (B, L): see class_attention.
+  cls_row: bool = False
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, token_mask=None, bias=None):
@@ -357,11 +404,14 @@ class MultiHeadDotProductAttention(nn.Module):
     k = dense(heads, axis=-1, name="key", use_bias=self.use_key_bias)(inputs_kv)  # (B, L, H, hd)
     v = dense(heads, axis=-1, name="value")(inputs_kv)  # (B, L, H, hd)
     if self.implementation == "manual":
-      y = manual_attention(q, k, v, token_mask, bias)
+      y = manual_attention(q, k, v, token_mask, bias, causal=self.causal)
     else:
       y = fused_attention(q, k, v, token_mask, bias, implementation=self.implementation,
-                          bias_mode=self.bias_mode, mask_is_prefix=self.mask_is_prefix)
+                          bias_mode=self.bias_mode, mask_is_prefix=self.mask_is_prefix,
+                          causal=self.causal)
     out = dense(inputs_q.shape[-1], axis=(-2, -1), name="out")(y)
+    if self.cls_row:
+      return out, jnp.mean(k, axis=-2), class_attention(q[:, 0], k, token_mask, bias)
     return out, jnp.mean(k, axis=-2)
 
 
@@ -389,6 +439,8 @@ class Encoder1DBlock(nn.Module):
   mask_is_prefix: bool = False  # token masks hold the real tokens first
   ln_eps: float = LN_EPS  # transformers' VideoMAE: 1e-12
   use_key_bias: bool = True
+  activation: str = "gelu"  # ACTIVATIONS
+  causal: bool = False  # causal self-attention (CLIP's text tower; never merges)
 
   @nn.compact
   def __call__(self, x, token_mask=None, size=None, deterministic=True):
@@ -397,10 +449,11 @@ class Encoder1DBlock(nn.Module):
     bias = jnp.log(size) if (prop_attn and size is not None) else None
     # LayerNorm statistics are float32 in any dtype (flax); its output is self.dtype.
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype)(x)
-    y, keys = MultiHeadDotProductAttention(
+    cls_row = needs_cls_attention(self.merge, self.layer)
+    y, keys, *cls_attn = MultiHeadDotProductAttention(
         self.num_heads, self.dtype_mm, implementation=self.attention,
         bias_mode=self.attention_bias, mask_is_prefix=self.mask_is_prefix,
-        use_key_bias=self.use_key_bias)(
+        use_key_bias=self.use_key_bias, causal=self.causal, cls_row=cls_row)(
             y, y, token_mask=token_mask, bias=bias)
     out["sa"] = y
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
@@ -408,13 +461,15 @@ class Encoder1DBlock(nn.Module):
 
     # ------------------- MERGE HOOK (eq. 15: x = MaMe(x)) -------------------
     x, token_mask, size, out["merge"] = merge_hook(
-        self.merge, self.layer, self.num_special, x, token_mask, size, keys)
+        self.merge, self.layer, self.num_special, x, token_mask, size, keys,
+        cls_attn[0] if cls_attn else None)
     # ------------------------------------------------------------------------
 
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype)(x)
     y = out["mlp"] = MlpBlock(
         mlp_dim=self.mlp_dim, dropout=self.dropout, dtype_mm=self.dtype_mm,
-        gelu_approximate=self.gelu_approximate, dtype=self.dtype)(y, deterministic)
+        gelu_approximate=self.gelu_approximate, dtype=self.dtype,
+        activation=self.activation)(y, deterministic)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     x = out["+mlp"] = (x + y).astype(jnp.promote_types(x.dtype, self.dtype))
     return x, token_mask, size, out
@@ -457,6 +512,8 @@ class Encoder(nn.Module):
   mask_is_prefix: bool = False
   ln_eps: float = LN_EPS  # of every block's LayerNorms and encoder_norm
   use_key_bias: bool = True
+  activation: str = "gelu"
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x, token_mask=None, size=None, deterministic=True):
@@ -466,7 +523,11 @@ class Encoder(nn.Module):
         dtype_mm=self.dtype_mm, gelu_approximate=self.gelu_approximate,
         prop_attn=self.prop_attn, dtype=self.dtype, attention=self.attention,
         attention_bias=self.attention_bias, mask_is_prefix=self.mask_is_prefix,
-        ln_eps=self.ln_eps, use_key_bias=self.use_key_bias)
+        ln_eps=self.ln_eps, use_key_bias=self.use_key_bias, activation=self.activation,
+        causal=self.causal)
+    check_depth = getattr(self.merge, "check_depth", None)
+    if check_depth is not None:  # EViT / DiffRate: layers or a schedule per block
+      check_depth(self.depth)
     if self.scan:
       if self.merge is not None:
         raise ValueError(
@@ -580,6 +641,11 @@ class _Model(nn.Module):
     attention_bias: "add" or "fold": how ToMe's ``log(size)`` reaches the kernel.
     attention_mask: "auto", "mask" or "lengths": how padding reaches the kernel
       (``ATTENTION_MASK``).
+    activation: the MLP's nonlinearity, "gelu" or "quick_gelu" (``ACTIVATIONS``).
+    pre_norm: a LayerNorm ``pre_norm`` on the tokens (class token included) before
+      the first block, as CLIP's image tower has (transformers' ``pre_layrnorm``).
+    ln_eps: epsilon of the blocks' LayerNorms, ``pre_norm`` and ``encoder_norm``
+      (CLIP: 1e-5).
   """
 
   num_classes: Optional[int] = None
@@ -606,6 +672,9 @@ class _Model(nn.Module):
   attention: str = "auto"
   attention_bias: str = "add"
   attention_mask: str = "auto"
+  activation: str = "gelu"
+  pre_norm: bool = False
+  ln_eps: float = LN_EPS
 
   @property
   def has_class_token(self) -> bool:
@@ -658,6 +727,9 @@ class _Model(nn.Module):
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, d)), x], axis=1)
       num_prefix = 1
     x = nn.Dropout(rate=self.dropout)(x, not train)
+    if self.pre_norm:  # CLIP: after the class token and position embeddings
+      x = out["pre_norm"] = nn.LayerNorm(epsilon=self.ln_eps, name="pre_norm",
+                                         dtype=self.dtype)(x)
 
     token_mask = size = None
     if self.merge is not None:
@@ -671,6 +743,7 @@ class _Model(nn.Module):
         prop_attn=self.prop_attn, merge=self.merge, final_norm=not self.fc_norm,
         num_special=num_prefix, dtype=self.dtype, attention=self.attention,
         attention_bias=self.attention_bias, mask_is_prefix=self.mask_is_prefix,
+        ln_eps=self.ln_eps, activation=self.activation,
         name="Transformer")(x, token_mask, size, deterministic=not train)
     out.update(enc)
     if token_mask is not None:

@@ -137,8 +137,10 @@ def cluster_figure(images, rows: Sequence[tuple], layers: Sequence[int], *,
   return fig
 
 
-def _panel(fig, picture, left, top, panel, width, height, title):
-  ax = fig.add_axes((left / width, 1 - (top + panel) / height, panel / width, panel / height))
+def _panel(fig, picture, left, top, panel, width, height, title, box_width=None):
+  box_width = panel if box_width is None else box_width  # a video strip is wider
+  ax = fig.add_axes((left / width, 1 - (top + panel) / height, box_width / width,
+                     panel / height))
   ax.imshow(np.clip(picture, 0, 1), interpolation="nearest", aspect="auto")
   ax.set_axis_off()
   ax.set_title(title, fontsize=7.5, pad=3)
@@ -270,3 +272,105 @@ def print_counts(counts, names, layers):
             + " ".join(str(int(row[l])) for l in layers))
 
 
+
+
+# ----------------------------------------------------------------------------
+# Video (VideoMAE): a strip of frames per block and method
+
+
+def video_strip(video, hard, grid, *, size: Optional[int] = None,
+                line=(1.0, 1.0, 1.0)) -> np.ndarray:
+  """One block's token clusters of a video as a strip of frames, left to right.
+
+  Args:
+    video: (T, H, W, 3) in [-1, 1], the frames the model saw.
+    hard: (P,) int, the token holding each tubelet (``SourceMap.hard[b]``),
+      ``P = t * h * w`` in VideoMAE's ``(t, y, x)`` order.
+    grid: ``(t, h, w)`` tubelets (``SourceMap.grid``).
+    size: frame height in pixels (default: the video's).
+
+  Returns:
+    (size, t * size * W / H, 3) float32 RGB in [0, 1]: the first frame of each
+    tubelet, every patch painted with its token's mean colour over *all* the
+    frames its tubelets cover in the strip (a token that spans frames has one
+    colour in all of them), with lines between tokens (:func:`cluster_image`).
+  """
+  video = np.asarray(video)
+  t, h, w = (int(g) for g in grid)
+  if video.ndim != 4 or video.shape[0] % t:
+    raise ValueError(f"video must be (T, H, W, 3) with T a multiple of the grid's {t} "
+                     f"tubelets; got shape {video.shape}")
+  frames = video[::video.shape[0] // t]                       # (t, H, W, 3)
+  strip = np.concatenate(list(frames), axis=1)                 # (H, t W, 3)
+  ids = np.asarray(hard).reshape(t, h, w).transpose(1, 0, 2).reshape(h, t * w)
+  height = video.shape[1] if size is None else int(size)
+  return cluster_image(strip, ids, (h, t * w), size=height, line=line)
+
+
+def video_figure(video, rows: Sequence[tuple], layers: Sequence[int], *, out_path=None,
+                 panel: int = 96) -> Figure:
+  """The frames of ``video (T, H, W, 3)`` on top, then one strip
+  (:func:`video_strip`) per method in ``rows`` (``(label, maps)`` pairs, as for
+  :func:`cluster_figure`) and block in ``layers``, MaMe's and ToMe's strips of
+  a block one under the other. Frames are ``panel`` pixels high; the figure is
+  ``t * panel`` wide (``t`` tubelets) and ``(1 + len(rows) * len(layers)) *
+  (panel + TITLE_PX)`` high."""
+  video = np.asarray(video)
+  layers = list(layers)
+  grid = rows[0][1][0].grid
+  if grid is None or len(grid) != 3:
+    raise ValueError(f"maps must come from a video model (grid (t, h, w)); got grid {grid}")
+  width = int(grid[0]) * round(panel * video.shape[2] / video.shape[1])
+  lines = 1 + len(rows) * len(layers)
+  height = lines * (panel + TITLE_PX)
+  fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+  FigureCanvasAgg(fig)
+  frames = video[::video.shape[0] // int(grid[0])]
+  _panel(fig, (np.concatenate(list(frames), axis=1) + 1) / 2, 0, TITLE_PX, panel, width,
+         height, "frames (first of each tubelet)", box_width=width)
+  line = 1
+  for layer in layers:
+    for label, maps in rows:
+      smap = maps[layer]
+      pic = video_strip(video, np.asarray(smap.hard[0]), smap.grid, size=panel)
+      top = line * (panel + TITLE_PX) + TITLE_PX
+      _panel(fig, pic, 0, top, panel, width, height,
+             f"{label}, block {layer}: {int(smap.num_tokens[0])} tokens", box_width=width)
+      line += 1
+  if out_path is not None:
+    fig.savefig(out_path, dpi=DPI)
+  return fig
+
+
+def draw_video(model, params, video, *, tau: float = DEFAULT_TAU,
+               layers: Optional[Sequence[int]] = None, tome_r="match", out_path=None,
+               panel: int = 96):
+  """MaMe (and ToMe: an int ``r``, ``"match"`` for :func:`matched_tome_r`, or
+  None) on one video ``(T, H, W, 3)`` of a VideoMAE model, drawn by
+  :func:`video_figure`. Returns ``(figure, counts)`` as :func:`draw`."""
+  layers = default_layers(model.depth) if layers is None else sorted(set(int(l) for l in layers))
+  batch = np.asarray(video)[None]
+  maps, aux = merge_maps(model, params, batch, MergeConfig(tau=float(tau), layers=tuple(layers)))
+  label = f"MaMe tau={tau:g}"
+  rows, counts = [(label, maps)], {label: np.asarray(aux["tokens_per_block"])}
+  if tome_r is not None:
+    r = matched_tome_r(maps, layers, 0) if tome_r == "match" else int(tome_r)
+    tmaps, taux = merge_maps(model, params, batch, ToMeConfig(r=r, layers=tuple(layers)))
+    label = f"ToMe r={r}"
+    rows.append((label, tmaps))
+    counts[label] = np.asarray(taux["tokens_per_block"])
+  return video_figure(batch[0], rows, layers, out_path=out_path, panel=panel), counts
+
+
+def image_grid(images, columns: int, pad: int = 1) -> np.ndarray:
+  """(N, H, W, C) images in [-1, 1] -> one (rows (H + pad) - pad, ...) float
+  picture in [0, 1], ``columns`` per row, ``pad`` white pixels between them;
+  grey (C = 1) becomes (H', W'). For sample grids (``benchmarks/dit_digits.py``)."""
+  images = (np.clip(np.asarray(images, np.float32), -1, 1) + 1) / 2
+  n, h, w, c = images.shape
+  rows = -(-n // columns)
+  out = np.ones((rows * (h + pad) - pad, columns * (w + pad) - pad, c), np.float32)
+  for i, im in enumerate(images):
+    r, k = divmod(i, columns)
+    out[r * (h + pad):r * (h + pad) + h, k * (w + pad):k * (w + pad) + w] = im
+  return out[..., 0] if c == 1 else out

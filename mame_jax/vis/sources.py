@@ -67,7 +67,8 @@ import jax
 import jax.numpy as jnp
 
 from mame_jax.merge import MergeInfo
-from mame_jax.models.merging import MergeConfig, ToMeConfig, merge_records
+from mame_jax.models.merging import (DiffRateConfig, EViTConfig, MergeConfig, ToMeConfig,
+                                     merge_records)
 from mame_jax.tome import ToMeRecord
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # no TF32: shares must add up to one
@@ -89,7 +90,8 @@ class SourceMap:
     token_mask: (B, L) bool, the block's real output tokens.
     num_special: leading tokens that hold no patch (the class token); static.
     grid: ``(h, w)`` patch grid of the image, row-major like the patch
-      sequence, or ``None`` when unknown; static.
+      sequence -- ``(t, h, w)`` tubelets of a video (VideoMAE: time slowest) --
+      or ``None`` when unknown; static.
   """
 
   soft: jax.Array
@@ -144,8 +146,13 @@ def mame_transition(info: MergeInfo) -> jax.Array:
 
 
 def tome_transition(record: ToMeRecord) -> jax.Array:
-  """``T (B, L_in, L_out)`` of one ToMe step: one-hot rows of ``record.source``."""
-  return jax.nn.one_hot(record.source, record.num_out, dtype=jnp.float32)
+  """``T (B, L_in, L_out)`` of one ToMe step: one-hot rows of ``record.source``.
+  Also EViT's and DiffRate's records (``mame_jax.evit``, ``mame_jax.diffrate``):
+  ``source = -1`` (a pruned token) gives a zero row, and an EViT ``weight``
+  (the class attention a fused token carries) scales its row."""
+  t = jax.nn.one_hot(record.source, record.num_out, dtype=jnp.float32)
+  weight = getattr(record, "weight", None)
+  return t if weight is None else t * weight[..., None].astype(jnp.float32)
 
 
 def _normalise_by(a, total):
@@ -195,7 +202,8 @@ def track(smap: SourceMap, merge_aux: dict) -> SourceMap:
   if "record" in merge_aux:
     record = merge_aux["record"]
     mask = jnp.ones(record.source.shape[:1] + (record.num_out,), bool)
-    return advance(smap, tome_transition(record), mask, size_weighted=True)
+    return advance(smap, tome_transition(record), mask,
+                   size_weighted=getattr(record, "size_weighted", True))
   return smap
 
 
@@ -205,7 +213,10 @@ def source_maps(aux: dict, merge=None) -> list[SourceMap]:
   Args:
     aux: the ``aux`` a ``mame_jax.models.vit`` model (or :class:`mame_jax.Runner`)
       returned: it needs ``stem`` (B, h, w, D), ``block00`` ... with their
-      ``merge`` entries, and ``block00/+sa`` for the sequence length.
+      ``merge`` entries, and ``block00/+sa`` for the sequence length. A VideoMAE
+      (``mame_jax.models.videomae``) ``aux`` works too: its ``stem`` is
+      ``(B, t, h, w, D)``, patch ``p`` is tubelet ``p`` in ``(t, y, x)`` order and
+      ``grid`` is ``(t, h, w)``.
     merge: optionally the model's merge config (``MergeConfig`` /
       ``ToMeConfig``): then a block that should have merged but left no record
       in ``aux`` is an error rather than a block that merged nothing.
@@ -218,18 +229,18 @@ def source_maps(aux: dict, merge=None) -> list[SourceMap]:
   if not blocks or "stem" not in aux:
     raise ValueError("aux must come from a mame_jax.models.vit model: it needs 'stem' and "
                      f"'block00', ...; got keys {sorted(aux)[:8]}")
-  batch, h, w, _ = aux["stem"].shape
+  batch, *grid, _ = aux["stem"].shape  # (B, h, w, D), or (B, t, h, w, D) for video
   length = aux[blocks[0]]["+sa"].shape[1]
   _check_records(aux, blocks, merge)
   records = merge_records(aux)
-  return _track_blocks(records, batch, (h, w), length - h * w)
+  return _track_blocks(records, batch, tuple(grid), length - math.prod(grid))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _track_blocks(records, batch, grid, num_special):
   # One compiled program for all blocks: eagerly, every small op would compile
   # on its own. Under an outer jit this is simply inlined.
-  smap = identity_map(batch, grid[0] * grid[1], num_special, grid=grid)
+  smap = identity_map(batch, math.prod(grid), num_special, grid=grid)
   maps = []
   for merge_aux in records:
     smap = track(smap, merge_aux)
@@ -246,8 +257,12 @@ def _check_records(aux, blocks, merge):
   elif isinstance(merge, ToMeConfig):
     layers = range(depth) if merge.layers is None else merge.layers
     want, key = ([l for l in layers if l < depth] if merge.r else []), "record"
+  elif isinstance(merge, (EViTConfig, DiffRateConfig)):
+    # A block whose kept count is everything leaves no record: nothing to demand.
+    want, key = [], "record"
   else:
-    raise TypeError(f"merge must be a MergeConfig or ToMeConfig; got {type(merge).__name__}")
+    raise TypeError(f"merge must be a MergeConfig, ToMeConfig, EViTConfig or DiffRateConfig; "
+                    f"got {type(merge).__name__}")
   for layer in want:
     if key not in merge_records(aux)[layer]:
       raise ValueError(f"block {layer} should merge under {merge} but aux holds no "

@@ -1,0 +1,179 @@
+"""SigLIP B/16 image tower at 512 px: throughput with MaMe and ToMe (Table 3's setting).
+
+    python -m benchmarks.siglip_throughput --quick      # batch 1 (CPU, minutes)
+    python -m benchmarks.siglip_throughput              # batch 1 and 32 (CPU: very slow)
+    python -m benchmarks.siglip_throughput --batches 256 --dtype bfloat16   # a GPU
+
+The model is the released SigLIP B/16 image tower's architecture -- width 768, 12
+blocks, 16-px patches, no class token, the MAP head pooling (so ``num_special = 0``
+and the head ignores MaMe's padding) -- at 512 px, i.e. 1024 tokens, with random
+weights (``mame_jax.models.load.random_params``; no 800 MB download). The inputs
+are the project's photographs (``mame_jax.eval.data.PHOTOS``, tiled to the batch)
+so that the merge sees real image structure; still, random weights merge
+differently from the trained ones (the tokens of a random tower are mostly its
+patch embedding), so the token counts, and with them the speedups, are not those
+of the real checkpoint -- the cost of a given token count is.
+
+Rows, per batch size: ``baseline``; ``mame`` in the first 8 blocks at each tau
+(exact mode: ``mame_jax.Runner`` settles the capacity schedule, then that one
+program is timed); ``tome`` in every block (ToMe's own "timm" recipe, which SigLIP
+follows) with the ``r`` whose analytic cost comes closest to that MaMe row's.
+Timing, GFLOPs and the ToMe ``r`` are ``benchmarks/vit_throughput.py``'s
+(``measure_all``, ``tome_r_matching``): compile first, then interleaved rounds,
+the median, XLA's FLOP count. ``ideal`` speedup = baseline GFLOPs / the row's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shlex
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+
+import mame_jax as mj
+from benchmarks.vit_throughput import measure_all, tome_r_matching
+from mame_jax.eval import timing
+from mame_jax.eval.data import PHOTOS, load_image
+from mame_jax.eval.report import write_json
+from mame_jax.models import load
+from mame_jax.vis.pictures import tome_token_counts
+
+RESULTS = pathlib.Path("results/siglip_throughput.json")
+COLUMNS = ["batch", "method", "tau", "r", "images_per_s", "iqr_ms", "gflops_per_image",
+           "measured_speedup", "ideal_speedup", "measured_over_ideal", "compile_s"]
+
+
+def siglip_b16(image_size: int = 512, dtype: str = "float32", seed: int = 0):
+  """``(model, params)``: SigLIP B/16's image tower (MAP head, no class token, no
+  classifier head) with random float32 parameters."""
+  model = mj.Model(None, variant="B/16", pool_type="map", class_token=False,
+                   **load.matmul_dtype(dtype))
+  return model, load.random_params(model, image_size, seed)
+
+
+def bench_batch(model, params, images, taus, runs, warmup):
+  """One batch size: baseline, MaMe per tau, ToMe at each MaMe row's GFLOPs."""
+  batch = images.shape[0]
+  length = (images.shape[1] // 16) * (images.shape[2] // 16)  # no class token
+  base_fn = _first(lambda p, x: model.apply({"params": p}, x))
+  base_gflops = timing.gflops(base_fn, params, images) / batch
+  methods = [("baseline", base_fn, dict(tokens_per_layer=[float(length)] * model.depth))]
+  layers = tuple(range(min(8, model.depth)))
+  for tau in taus:
+    runner = mj.Runner(model.clone(merge=mj.MergeConfig(tau=tau, layers=layers)), params)
+    _, aux = runner(images)
+    fn = _first(runner.program(runner.schedule, images.shape))
+    ratio = timing.gflops(fn, params, images) / batch / base_gflops
+    methods.append((f"mame({tau:g})", fn, dict(
+        tau=tau, capacities=list(runner.schedule), reruns=runner.reruns,
+        tokens_per_layer=np.asarray(aux["tokens_per_block"]).mean(0).round(1).tolist())))
+    r = tome_r_matching(model, length, ratio)
+    same = next((m for m in methods if m[2].get("r") == r), None)
+    if same is not None:  # two taus, one schedule's cost: one ToMe row for both
+      same[2]["matches_tau"].append(tau)
+      continue
+    tome = model.clone(merge=mj.ToMeConfig.recipe("timm", r=r))
+    tome_fn = _first(lambda p, x, m=tome: m.apply({"params": p}, x))
+    # ToMe's counts follow from r alone (r per block, at most half the tokens).
+    tokens = tome_token_counts(length, r, model.depth, num_special=0)
+    methods.append((f"tome(r={r})", tome_fn, dict(
+        r=r, matches_tau=[tau], tokens_per_layer=[float(t) for t in tokens])))
+  print(f"SigLIP B/16 image tower, {images.shape[1]} px ({length} tokens), batch {batch}",
+        flush=True)
+  rows = measure_all(methods, params, images, runs, warmup)
+  base = rows[0]
+  for row in rows:
+    row["model"] = "SigLIP B/16 img"
+    row["batch"] = batch
+    row["measured_speedup"] = row["images_per_s"] / base["images_per_s"]
+    row["ideal_speedup"] = base["gflops_per_image"] / row["gflops_per_image"]
+    row["measured_over_ideal"] = row["measured_speedup"] / row["ideal_speedup"]
+  return rows
+
+
+def _first(fn):
+  """The jitted embedding alone (``(B, E)``), without the model's aux outputs."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.jit(lambda p, x: fn(p, x)[0])
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+  parser.add_argument("--taus", type=float, nargs="+", default=[0.8, 0.9, 0.95])
+  parser.add_argument("--image-size", type=int, default=512)
+  parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--runs", type=int, default=3)
+  parser.add_argument("--warmup", type=int, default=1)
+  parser.add_argument("--quick", action="store_true", help="batch 1 only, 3 runs, no warm-up round")
+  parser.add_argument("--json", default=str(RESULTS))
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.batches, args.runs, args.warmup = [1], 3, 0
+  model, params = siglip_b16(args.image_size, args.dtype)
+  photos = np.stack([load_image(n, args.image_size) for n in PHOTOS])
+  rows = []
+  for batch in args.batches:
+    images = jnp.asarray(np.resize(photos, (batch,) + photos.shape[1:]))
+    rows += bench_batch(model, params, images, args.taus, args.runs, args.warmup)
+  print()
+  print(timing.format_table(rows, COLUMNS))
+  for row in rows:
+    print(f"batch {row['batch']} {row['method']:<12} tokens per block: {row['tokens_per_layer']}")
+  command = ("python -m benchmarks.siglip_throughput " +
+             shlex.join(sys.argv[1:] if argv is None else argv)).strip()
+  write_json(args.json, dict(device=timing.device_description(), date=timing.today(),
+                             dtype=args.dtype, image_size=args.image_size,
+                             batches=args.batches, runs=args.runs, command=command,
+                             weights="random", inputs="mame_jax.eval.data.PHOTOS",
+                             rows=rows))
+  print(f"\nsaved {args.json}")
+
+
+def section(path=RESULTS) -> list:
+  """The BENCHMARKS.md section from ``path`` (a run of this script): command, device
+  and date beside the table, then what was not measured or fell short, said plainly."""
+  path = pathlib.Path(path)
+  out = ["", "## SigLIP B/16 image tower at 512 px: baseline, MaMe, ToMe", ""]
+  if not path.exists():
+    return out + [f"- Not measured yet: no `{path}` (run `python -m "
+                  "benchmarks.siglip_throughput --quick`)."]
+  run = json.loads(path.read_text())
+  device = run["device"]
+  desc = device["description"] if isinstance(device, dict) else str(device)
+  out += [f"`{run['command']}` -- {desc}, {run['dtype']}, {run['date']} (`{path}`).",
+          "Random weights on the project's photographs: the cost of each token count is",
+          "real, the token counts are not the trained checkpoint's (it merges differently).",
+          "", timing.format_table(run["rows"], COLUMNS), "", "Tokens per block:", ""]
+  out += [f"- batch {r['batch']} {r['method']}: {r['tokens_per_layer']}" for r in run["rows"]]
+  out += ["", "Not measured or short of the goal:", ""]
+  misses = [f"- batch {b}: not measured in this run" for b in (1, 32)
+            if b not in run["batches"]]
+  if isinstance(device, dict) and device.get("platform") == "cpu":
+    misses.append("- batch >= 256 in bf16 on a GPU: not measured (no GPU run yet)")
+  rows = run["rows"]
+  for m in (r for r in rows if r["method"].startswith("mame")):
+    t = next((r for r in rows if m["tau"] in _as_list(r.get("matches_tau"))
+              and r["batch"] == m["batch"]), None)
+    if m["measured_speedup"] < 1:
+      misses.append(f"- batch {m['batch']} {m['method']}: slower than the baseline "
+                    f"({m['measured_speedup']:.2f}x)")
+    if t is not None and m["images_per_s"] < t["images_per_s"]:
+      misses.append(f"- batch {m['batch']} {m['method']}: {m['images_per_s']:.2f} img/s, "
+                    f"below its GFLOPs-matched {t['method']} ({t['images_per_s']:.2f} img/s; "
+                    f"{t['gflops_per_image']:.1f} against {m['gflops_per_image']:.1f} "
+                    "GFLOPs: ToMe's r moves in steps)")
+  return out + (misses or ["- nothing: every row measured, MaMe ahead of the baseline "
+                           "and of ToMe at matched GFLOPs"])
+
+
+def _as_list(v) -> list:
+  return [] if v is None else list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,63 @@
+"""benchmarks/siglip_throughput.py: the model it times is SigLIP B/16's image tower at
+512 px, and its BENCHMARKS.md section renders a run's JSON with command, device, date
+and what was not measured (the run itself takes minutes: its JSON is committed under
+results/)."""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import siglip_throughput as bench
+
+RESULTS = pathlib.Path(__file__).resolve().parent.parent / "results" / "siglip_throughput.json"
+
+
+def test_the_timed_model_is_siglip_b16s_image_tower_at_512_px():
+  model, params = bench.siglip_b16(512)
+  assert (model.width, model.depth, model.num_heads, model.mlp_dim) == (768, 12, 12, 3072)
+  assert model.pool_type == "map" and not model.has_class_token and not model.num_classes
+  assert params["pos_embedding"].shape == (1, 1024, 768)  # 32 x 32 patches, no class slot
+  assert "MAPHead_0" in params and "head" not in params
+  out = jax.eval_shape(lambda p, x: model.apply({"params": p}, x)[0], params,
+                       jax.ShapeDtypeStruct((1, 512, 512, 3), jnp.float32))
+  assert out.shape == (1, 768)
+
+
+def run_json(batches):
+  rows = []
+  for b in batches:
+    base = dict(batch=b, method="baseline", images_per_s=2.0, gflops_per_image=200.0)
+    mame = dict(batch=b, method="mame(0.9)", tau=0.9, images_per_s=2.4, gflops_per_image=150.0)
+    tome = dict(batch=b, method="tome(r=20)", r=20, matches_tau=0.9, images_per_s=2.6,
+                gflops_per_image=150.0)
+    for row in (base, mame, tome):
+      row.update(tokens_per_layer=[1024.0], measured_speedup=row["images_per_s"] / 2.0,
+                 ideal_speedup=200.0 / row["gflops_per_image"])
+      rows.append(row)
+  return dict(device={"platform": "cpu", "description": "cpu x1 (2 cores)"},
+              date="2026-12-01", dtype="float32", batches=batches,
+              command="python -m benchmarks.siglip_throughput --quick", rows=rows)
+
+
+def test_section_renders_the_run_and_says_what_is_missing(tmp_path):
+  path = tmp_path / "siglip_throughput.json"
+  path.write_text(json.dumps(run_json([1])))
+  text = "\n".join(bench.section(path))
+  assert "`python -m benchmarks.siglip_throughput --quick`" in text
+  assert "cpu x1 (2 cores)" in text and "2026-12-01" in text and "Random weights" in text
+  assert text.count("| mame(0.9) ") == 1 and "| tome(r=20) " in text
+  assert "batch 32: not measured" in text and "batch 1: not measured" not in text
+  assert "on a GPU: not measured" in text
+  assert "batch 1 mame(0.9): 2.40 img/s, below its GFLOPs-matched tome(r=20)" in text
+  assert "not measured yet" in "\n".join(bench.section(tmp_path / "none.json")).lower()
+
+
+def test_committed_results_render():
+  out = json.loads(RESULTS.read_text())
+  assert out["rows"][0]["method"] == "baseline" and 1 in out["batches"]
+  assert out["rows"][0]["tokens_per_layer"][0] == 1024.0
+  assert all(np.isfinite(r["ideal_speedup"]) for r in out["rows"])
+  assert out["command"] in "\n".join(bench.section(RESULTS))
