@@ -104,7 +104,29 @@ def sticky_eos(ids: Sequence[int], length: int, pad: int) -> np.ndarray:
   return np.asarray(ids, np.int32)
 
 
-class Tokenizer:
+class _Texts:
+  """What every tokenizer here shares: ``encode(text)`` (one text's ids, ending
+  in its end token) is the subclass's; calling it on texts gives ``(N, length)``
+  int32 rows, each to ``length`` by :func:`sticky_eos`."""
+
+  length: int
+  pad_id: int
+
+  def encode(self, text: str) -> list:
+    raise NotImplementedError
+
+  def __call__(self, texts) -> np.ndarray:
+    if isinstance(texts, str):
+      texts = [texts]
+    rows = [sticky_eos(self.encode(t), self.length, self.pad_id) for t in texts]
+    return np.stack(rows) if rows else np.zeros((0, self.length), np.int32)
+
+  def check(self, params) -> None:
+    """:func:`check_vocab` of this tokenizer against ``params``."""
+    check_vocab(self, params)
+
+
+class Tokenizer(_Texts):
   """A SentencePiece model applied by the rules of ``style`` (module docstring).
 
   Args:
@@ -154,16 +176,6 @@ class Tokenizer:
     if not isinstance(text, str):
       raise TypeError(f"texts must be strings; got {type(text).__name__}")
     return list(self.sp.encode(ascii_lower(text), out_type=int)) + [self.eos_id]
-
-  def __call__(self, texts) -> np.ndarray:
-    if isinstance(texts, str):
-      texts = [texts]
-    rows = [sticky_eos(self.encode(t), self.length, self.pad_id) for t in texts]
-    return np.stack(rows) if rows else np.zeros((0, self.length), np.int32)
-
-  def check(self, params) -> None:
-    """:func:`check_vocab` of this tokenizer against ``params``."""
-    check_vocab(self, params)
 
   def __repr__(self):
     return (f"Tokenizer({self.path!r}, length={self.length}, style={self.style!r}, "
@@ -233,7 +245,7 @@ CLIP_EOS = "<|endoftext|>"
 CLIP_LENGTH = 77  # OpenAI CLIP's context length
 
 
-class CLIPTokenizer:
+class CLIPTokenizer(_Texts):
   """CLIP's BPE tokeniser, read from a ``tokenizer.json`` (the ``tokenizers``
   package; a CLIP folder's own file, with its normaliser -- lower case, whitespace
   cleaned -- and byte-level pre-tokeniser).
@@ -289,16 +301,6 @@ class CLIPTokenizer:
       raise TypeError(f"texts must be strings; got {type(text).__name__}")
     ids = self.tok.encode(text, add_special_tokens=False).ids
     return [self.bos_id] + list(ids) + [self.eos_id]
-
-  def __call__(self, texts) -> np.ndarray:
-    if isinstance(texts, str):
-      texts = [texts]
-    rows = [sticky_eos(self.encode(t), self.length, self.pad_id) for t in texts]
-    return np.stack(rows) if rows else np.zeros((0, self.length), np.int32)
-
-  def check(self, params) -> None:
-    """:func:`check_vocab` of this tokenizer against ``params``."""
-    check_vocab(self, params)
 
   def __repr__(self):
     return (f"CLIPTokenizer({self.path!r}, length={self.length}, "

@@ -7,7 +7,6 @@ import json
 import os
 import re
 
-import jax.numpy as jnp
 import ml_collections
 import pytest
 

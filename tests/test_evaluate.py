@@ -217,8 +217,8 @@ SHARDED = textwrap.dedent("""
 
 
 def test_sharded_over_four_devices_equals_one_device(ckpt, folder):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(  # the session's flags kept
+      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"))
   proc = subprocess.run([sys.executable, "-c", SHARDED, ckpt, folder], env=env, cwd=REPO,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -123,9 +123,9 @@ def test_exact_mode_schedule_uses_buckets_and_shortens_the_sequence(setup):
 
 def test_lean_forward_gives_the_full_forwards_logits_and_counts(setup):
   x, models, params = setup
-  for cfg in (mj.MergeConfig(tau=0.6, layers=(0, 1)),
-              mj.MergeConfig(tau=0.6, layers=(0, 2), mode="fixed", capacities=(4, 0)),
-              mj.ToMeConfig(r=6), None):
+  # Exact-mode MaMe (the settled schedule) and ToMe; fixed mode runs the same program
+  # kind as exact mode's, and no merge has no summary to compare.
+  for cfg in (mj.MergeConfig(tau=0.6, layers=(0, 1)), mj.ToMeConfig(r=6)):
     model = models["tok"].clone(merge=cfg)
     y, lean = mj.Runner(model, params["tok"])(x)
     y_full, full = mj.Runner(model, params["tok"], records=True)(x)

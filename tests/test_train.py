@@ -245,8 +245,9 @@ def _free_port():
 def test_four_devices_and_two_processes_of_two_give_the_params_of_one_device(runs):
   tmp, data = runs["tmp"], runs["data"]
   base = dict(os.environ, JAX_PLATFORMS="cpu")
-  four = dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  two = dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  flags = os.environ.get("XLA_FLAGS", "")  # the session's (tests/conftest.py), kept
+  four = dict(base, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=4")
+  two = dict(base, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=2",
              JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2")
   procs = [subprocess.Popen([sys.executable, "-c", SHARDED, *argv(data, tmp / "four")],
                             env=four, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -48,6 +48,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import importlib
 import io
 import math
 import os
@@ -339,26 +340,34 @@ def _label_mapper(label_map, names: Sequence[str]):
   return {n: int(label_map[n]) for n in names}
 
 
-def folder_source(root, label_map=None) -> Source:
-  """``root/<class>/<image>``: classes sorted by name, files sorted in each
-  class; files without an image extension (:data:`IMAGE_EXTENSIONS`) ignored.
-  A folder with images but no class folders is one unlabelled class."""
+def class_folder_files(root, extensions: tuple, what: str, label_map=None):
+  """``root/<class>/<file>`` -> ``(files [(path, label)], classes)``: classes
+  sorted by name, files sorted in each class, files not ending in one of
+  ``extensions`` ignored; a folder of such files without class folders is one
+  unlabelled class (label -1). ``what`` names the files in errors ("images")."""
   root = os.fspath(root)
   if not os.path.isdir(root):
     raise FileNotFoundError(f"{root} is not a directory")
-  is_image = lambda f: f.lower().endswith(IMAGE_EXTENSIONS)
+  wanted = lambda f: f.lower().endswith(extensions)
   classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
   files = []
   if classes:
     labels = _label_mapper(label_map, classes)
     for c in classes:
-      for f in sorted(os.listdir(os.path.join(root, c))):
-        if is_image(f):
-          files.append((os.path.join(root, c, f), labels[c]))
+      files += [(os.path.join(root, c, f), labels[c])
+                for f in sorted(os.listdir(os.path.join(root, c))) if wanted(f)]
   else:
-    files = [(os.path.join(root, f), -1) for f in sorted(os.listdir(root)) if is_image(f)]
+    files = [(os.path.join(root, f), -1) for f in sorted(os.listdir(root)) if wanted(f)]
   if not files:
-    raise ValueError(f"{root}: no images found (class folders of {IMAGE_EXTENSIONS} files)")
+    raise ValueError(f"{root}: no {what} found (class folders of {extensions} files)")
+  return files, classes
+
+
+def folder_source(root, label_map=None) -> Source:
+  """``root/<class>/<image>`` (:func:`class_folder_files` with
+  :data:`IMAGE_EXTENSIONS`)."""
+  root = os.fspath(root)
+  files, classes = class_folder_files(root, IMAGE_EXTENSIONS, "images", label_map)
 
   def fetch(record):
     path, label = record
@@ -436,7 +445,7 @@ def _tfds_load_source(name, split, data_dir, base, cause) -> Source:
   """Fallback for tfrecord-stored datasets: ``tfds.load`` (needs TensorFlow),
   images kept encoded and decoded with PIL in the workers."""
   try:
-    import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
+    importlib.import_module("tensorflow")  # only to know that it is there
   except ImportError as e:
     raise ValueError(
         f"tfds dataset {name!r} is stored as tfrecords, which only TensorFlow reads: "

@@ -206,20 +206,7 @@ def folder_source(root, sampling: Sampling = Sampling(), label_map=None) -> data
   """``root/<class>/<video>`` (see the module docstring). A folder of videos
   without class folders is one unlabelled class."""
   root = os.fspath(root)
-  if not os.path.isdir(root):
-    raise FileNotFoundError(f"{root} is not a directory")
-  is_video = lambda f: f.lower().endswith(VIDEO_EXTENSIONS)
-  classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-  files = []
-  if classes:
-    labels = data_lib._label_mapper(label_map, classes)  # pylint: disable=protected-access
-    for c in classes:
-      files += [(os.path.join(root, c, f), labels[c])
-                for f in sorted(os.listdir(os.path.join(root, c))) if is_video(f)]
-  else:
-    files = [(os.path.join(root, f), -1) for f in sorted(os.listdir(root)) if is_video(f)]
-  if not files:
-    raise ValueError(f"{root}: no videos found (class folders of {VIDEO_EXTENSIONS} files)")
+  files, classes = data_lib.class_folder_files(root, VIDEO_EXTENSIONS, "videos", label_map)
 
   def fetch(record):
     path, label = record
