@@ -31,13 +31,12 @@ import pathlib
 import shlex
 import sys
 
-import jax.numpy as jnp
 import numpy as np
 
 import mame_jax as mj
-from benchmarks.vit_throughput import measure_all, tome_r_matching
+from benchmarks.vit_throughput import measure_all, photo_batch, tome_r_matching
 from mame_jax.eval import timing
-from mame_jax.eval.data import PHOTOS, load_image
+from mame_jax.eval.data import PHOTOS
 from mame_jax.eval.report import write_json
 from mame_jax.models import load
 from mame_jax.vis.pictures import tome_token_counts
@@ -115,10 +114,9 @@ def main(argv=None):
   if args.quick:
     args.batches, args.runs, args.warmup = [1], 3, 0
   model, params = siglip_b16(args.image_size, args.dtype)
-  photos = np.stack([load_image(n, args.image_size) for n in PHOTOS])
   rows = []
   for batch in args.batches:
-    images = jnp.asarray(np.resize(photos, (batch,) + photos.shape[1:]))
+    images = photo_batch(batch, args.image_size, count=len(PHOTOS))
     rows += bench_batch(model, params, images, args.taus, args.runs, args.warmup)
   print()
   print(timing.format_table(rows, COLUMNS))

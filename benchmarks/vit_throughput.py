@@ -56,6 +56,13 @@ class SliceTo:
     return x, token_mask, size, {}
 
 
+def photo_batch(batch: int, size: int = 224, count: int = 6) -> jax.Array:
+  """``(batch, size, size, 3)`` in [-1, 1]: the first ``count`` of the project's
+  photographs (``PHOTOS``), tiled to the batch, so that merges see real images."""
+  photos = np.stack([load_image(n, size) for n in PHOTOS[:count]])
+  return jnp.asarray(np.resize(photos, (batch,) + photos.shape[1:]))
+
+
 def block_flops(length, width, mlp_dim):
   """Analytic multiply-adds x2 of one block at ``length`` tokens."""
   return 2 * length * (4 * width * width + 2 * width * mlp_dim) + 4 * length * length * width
@@ -188,8 +195,7 @@ def main(argv=None):
   if args.quick:
     args.variants, args.batch, args.runs = ["S/16"], 8, 3
 
-  photos = np.stack([load_image(n, 224) for n in PHOTOS[:6]])
-  images = jnp.asarray(np.resize(photos, (args.batch,) + photos.shape[1:]))
+  images = photo_batch(args.batch)
   rows = []
   for variant in args.variants:
     rows += bench_model(variant, args, images)

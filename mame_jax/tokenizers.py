@@ -35,6 +35,7 @@ splitting at ``{}``, so ``"a photo of a {}."`` with ``"St. Bernard"`` becomes
 
 from __future__ import annotations
 
+import abc
 import os
 import pathlib
 import re
@@ -104,7 +105,7 @@ def sticky_eos(ids: Sequence[int], length: int, pad: int) -> np.ndarray:
   return np.asarray(ids, np.int32)
 
 
-class _Texts:
+class _Texts(abc.ABC):
   """What every tokenizer here shares: ``encode(text)`` (one text's ids, ending
   in its end token) is the subclass's; calling it on texts gives ``(N, length)``
   int32 rows, each to ``length`` by :func:`sticky_eos`."""
@@ -112,8 +113,9 @@ class _Texts:
   length: int
   pad_id: int
 
+  @abc.abstractmethod
   def encode(self, text: str) -> list:
-    raise NotImplementedError
+    """One text's ids before truncation and padding, ending in the end token."""
 
   def __call__(self, texts) -> np.ndarray:
     if isinstance(texts, str):

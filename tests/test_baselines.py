@@ -303,3 +303,19 @@ def test_eval_command_gives_evit_and_diffrate_rows_beside_the_baseline(monkeypat
                                                  37, 31, 3]   # the schedule's merge counts
   assert rows["diffrate"]["gflops_per_image"] < rows["evit"]["gflops_per_image"] < \
       rows["baseline"]["gflops_per_image"]
+
+
+def test_the_benchmark_section_says_where_mame_is_slower(tmp_path):
+  import json
+  from benchmarks import baselines
+  row = lambda method, ips, g: dict(model="DeiT-S", method=method, setting="", images_per_s=ips,
+                                    gflops_per_image=g)
+  path = tmp_path / "b.json"
+  path.write_text(json.dumps(dict(command="python -m benchmarks.baselines --quick", device="cpu",
+                                  batch=8, dtype="float32", date="2026-12-01", rows=[
+                                      row("baseline", 8.0, 9.0), row("mame", 14.0, 5.0),
+                                      row("tome", 16.0, 4.9), row("evit", 12.0, 5.3)])))
+  text = "\n".join(baselines.section(str(path)))
+  assert "`python -m benchmarks.baselines --quick` -- cpu, batch 8" in text
+  assert "vs tome () 16.0 img/s at 4.90: MaMe SLOWER (missed)." in text
+  assert "vs evit () 12.0 img/s at 5.30: MaMe faster." in text

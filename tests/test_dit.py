@@ -203,3 +203,14 @@ def test_digits_script_runs_and_renders_its_section(tmp_path, params):
   assert (tmp_path / "figs" / "samples.png").stat().st_size > 0
   text = "\n".join(dit_digits.section(out))
   assert json.loads(out.read_text())["command"] in text and "mame_mare" in text
+
+
+def test_the_script_reads_a_tfds_image_dataset():
+  # ``--data tfds:NAME[:SPLIT]``: any prepared image dataset, here tfds' mock data.
+  import tensorflow_datasets as tfds
+  from benchmarks import dit_digits
+  with tfds.testing.mock_data(num_examples=6):
+    images, labels = dit_digits.load_images("tfds:imagenette:validation", 16, 1, 10, limit=4)
+  assert images.shape == (4, 16, 16, 1) and images.dtype == np.float32
+  assert -1 <= images.min() < images.max() <= 1
+  assert labels.shape == (4,) and ((labels >= 0) & (labels < 10)).all()
