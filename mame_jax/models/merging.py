@@ -280,11 +280,7 @@ class EViTConfig:
     """Block hook: ``x (B, L, D) -> (B, 1 + k + fuse, D)`` in EViT layers."""
     if not self.needs_cls_attention(layer):
       return x, token_mask, size, {}
-    if num_special < 1:
-      raise ValueError(f"EViT (block {layer}) needs a class token: the model has none")
-    if cls_attn is None:
-      raise ValueError(f"EViT (block {layer}) needs the class token's attention row: run it "
-                       "in a mame_jax.models.vit model")
+    _check_class_row("EViT", layer, num_special, cls_attn)
     keep = evit_lib.keep_count(x.shape[1] - 1, self.rate_of(layer))
     y, record = evit_lib.evit(x, cls_attn, keep, fuse=self.fuse)
     if record is None:
@@ -408,13 +404,18 @@ class DiffRateConfig:
                        f"{x.shape[1]} tokens there are")
     if m == x.shape[1]:
       return x, token_mask, size, {}
-    if num_special < 1:
-      raise ValueError(f"DiffRate (block {layer}) needs a class token: the model has none")
-    if cls_attn is None:
-      raise ValueError(f"DiffRate (block {layer}) needs the class token's attention row: run "
-                       "it in a mame_jax.models.vit model")
+    _check_class_row("DiffRate", layer, num_special, cls_attn)
     y, size, record = diffrate_lib.diffrate(x, cls_attn, size, p, m)
     return y, jnp.ones(y.shape[:2], bool), size, {"record": record}
+
+
+def _check_class_row(method: str, layer: int, num_special: int, cls_attn) -> None:
+  """EViT and DiffRate rank tokens by the class token's attention: both must be there."""
+  if num_special < 1:
+    raise ValueError(f"{method} (block {layer}) needs a class token: the model has none")
+  if cls_attn is None:
+    raise ValueError(f"{method} (block {layer}) needs the class token's attention row: run it "
+                     "in a mame_jax.models.vit model")
 
 
 @functools.lru_cache(maxsize=None)
