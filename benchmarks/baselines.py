@@ -11,9 +11,11 @@ of (``vit_throughput.measure_all``: compile first, interleaved rounds, medians):
 * ``baseline``;
 * ``mame`` -- MaMe in the first 8 blocks at ``tau`` (exact mode, schedule settled
   first by ``mame_jax.Runner``);
-* ``tome`` -- ToMe in every block with the ``r`` whose analytic cost is closest to
-  MaMe's measured GFLOPs ratio;
-* ``evit`` -- EViT in blocks 3, 6, 9 with the keep rate matched the same way;
+* ``tome`` -- ToMe in every block with the ``r`` whose analytic GFLOPs are nearest
+  MaMe's (at the tokens it kept; ``mame_jax.eval.matching``, the matchers of
+  ``mame-jax eval --match-gflops-of-tau``);
+* ``evit`` -- EViT in blocks 3, 6, 9 with the keep rate matched the same way
+  (bisection);
 * ``diffrate`` -- DiffRate's published schedule for the model at the paper's
   Table 1 GFLOPs (half the baseline's), which is fixed: it is not re-matched to
   MaMe.
@@ -37,9 +39,8 @@ import jax
 import numpy as np
 
 import mame_jax as mj
-from benchmarks.vit_throughput import (evit_keep_matching, measure_all, photo_batch,
-                                       tome_r_matching)
-from mame_jax.eval import timing
+from benchmarks.vit_throughput import measure_all, photo_batch
+from mame_jax.eval import matching, timing
 from mame_jax.eval.report import write_json
 
 # Model -> DiffRate's published schedule at the paper's Table 1 GFLOPs.
@@ -65,23 +66,25 @@ def bench_model(variant, args, images):
   print(f"{name} ({variant}), batch {images.shape[0]}, {args.dtype}", flush=True)
   length = (images.shape[1] // 16) * (images.shape[2] // 16) + 1
   base_fn = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
-  base_gflops = timing.gflops(base_fn, params, images)
   methods = [("baseline", base_fn, dict(setting="", final_tokens=float(length)))]
 
-  runner = mj.Runner(model.clone(merge=mj.MergeConfig(tau=args.tau, layers=tuple(range(8)))),
-                     params)
+  mame_cfg = mj.MergeConfig(tau=args.tau, layers=tuple(range(8)))
+  runner = mj.Runner(model.clone(merge=mame_cfg), params)
   _, aux = runner(images)
   program = runner.program(runner.schedule, images.shape)
   mame_fn = jax.jit(lambda p, x: program(p, x)[0])
-  ratio = timing.gflops(mame_fn, params, images) / base_gflops
   methods.append(("mame", mame_fn, dict(
       setting=f"tau={args.tau:g}",
       final_tokens=float(np.asarray(aux["tokens_per_block"])[:, -1].mean()))))
 
+  # The same matchers as `mame-jax eval --match-gflops-of-tau` (mame_jax.eval.matching):
+  # MaMe's analytic GFLOPs at the tokens it kept, ToMe's r and EViT's keep rate solved for it.
+  hw = tuple(images.shape[1:3])
+  target = matching.tokens_gflops(model, mame_cfg, np.asarray(aux["tokens_per_block"]), hw)
+  tome = matching.tome_r_matching(model, hw, target)
+  evit = matching.evit_keep_matching(model, hw, target)
   for method, merge, setting in (
-      ("tome", mj.ToMeConfig(r=(r := tome_r_matching(model, length, ratio))), f"r={r}"),
-      ("evit", mj.EViTConfig(keep_rate=(k := evit_keep_matching(model, length, ratio))),
-       f"keep={k:g}"),
+      ("tome", tome, f"r={tome.r}"), ("evit", evit, f"keep={evit.keep_rate:g}"),
       ("diffrate", mj.DiffRateConfig.from_spec(schedule), schedule)):
     full, out = _forward(model, merge)
     _, maux = full(params, images)

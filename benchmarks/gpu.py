@@ -56,7 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import mame_jax as mj
-from benchmarks.vit_throughput import SliceTo, block_flops, tome_r_matching
+from benchmarks.vit_throughput import SliceTo
+from mame_jax.eval.matching import block_flops, tome_r_for_ratio
 from mame_jax.eval import timing
 from mame_jax.eval.data import PHOTOS, load_image
 from mame_jax.merge import merged_length
@@ -190,7 +191,7 @@ def bench(key, batch, args) -> list[dict]:
   mame_cfg = mj.MergeConfig(layers=MERGE_LAYERS, mode="fixed", capacities=(cap,) * 8)
   runner = mj.Runner(model.clone(merge=mame_cfg), params)
   mame_program = runner.program(None, images.shape)
-  r = tome_r_matching(model, length, ratio)
+  r = tome_r_for_ratio(model, length, ratio)
   plain = lambda m: (lambda p, x: m.apply({"params": p}, x)[0])
   methods = {
       "baseline": Counted(plain(model)),

@@ -21,7 +21,7 @@ import sys
 import jax
 
 from benchmarks import (baselines, digits, dit_digits, generation, merge_op, siglip_throughput,
-                        train_step, video_throughput, vit_throughput)
+                        train_step, video_throughput, vision_tokens_throughput, vit_throughput)
 from mame_jax.eval.timing import format_table
 
 OP_COLUMNS = ["B", "L", "D", "r", "capacity", "mame_ms", "attention_ms", "mame/attn",
@@ -73,8 +73,8 @@ def render(op: dict, vit: dict, command: str, render_only: bool = False) -> str:
   lines += gpu_section()
   lines += generation_section()
   # Each further benchmark renders its own section from its committed JSON.
-  for module in (baselines, siglip_throughput, video_throughput, train_step, digits,
-                 dit_digits):
+  for module in (baselines, siglip_throughput, vision_tokens_throughput, video_throughput,
+                 train_step, digits, dit_digits):
     lines += module.section()
   full = pathlib.Path("results/merge_op.md")
   if full.exists() and "--quick" in op["command"] and "--quick" not in full.read_text():

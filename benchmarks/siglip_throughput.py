@@ -17,9 +17,11 @@ of the real checkpoint -- the cost of a given token count is.
 Rows, per batch size: ``baseline``; ``mame`` in the first 8 blocks at each tau
 (exact mode: ``mame_jax.Runner`` settles the capacity schedule, then that one
 program is timed); ``tome`` in every block (ToMe's own "timm" recipe, which SigLIP
-follows) with the ``r`` whose analytic cost comes closest to that MaMe row's.
+follows) with the ``r`` whose analytic cost comes closest to that MaMe row's; each distinct
+``r`` is timed once, as one row whose ``matches_tau`` lists the taus it matches
+(``tome_r_per_tau``).
 Timing, GFLOPs and the ToMe ``r`` are ``benchmarks/vit_throughput.py``'s
-(``measure_all``, ``tome_r_matching``): compile first, then interleaved rounds,
+(``measure_all``; ``mame_jax.eval.matching.tome_r_for_ratio``): compile first, then interleaved rounds,
 the median, XLA's FLOP count. ``ideal`` speedup = baseline GFLOPs / the row's.
 """
 
@@ -34,16 +36,18 @@ import sys
 import numpy as np
 
 import mame_jax as mj
-from benchmarks.vit_throughput import measure_all, photo_batch, tome_r_matching
+from benchmarks.vit_throughput import measure_all, photo_batch
 from mame_jax.eval import timing
 from mame_jax.eval.data import PHOTOS
+from mame_jax.eval.matching import tome_r_for_ratio
 from mame_jax.eval.report import write_json
 from mame_jax.models import load
 from mame_jax.vis.pictures import tome_token_counts
 
 RESULTS = pathlib.Path("results/siglip_throughput.json")
-COLUMNS = ["batch", "method", "tau", "r", "images_per_s", "iqr_ms", "gflops_per_image",
-           "measured_speedup", "ideal_speedup", "measured_over_ideal", "compile_s"]
+COLUMNS = ["batch", "method", "tau", "r", "matches_tau", "images_per_s", "iqr_ms",
+           "gflops_per_image", "measured_speedup", "ideal_speedup", "measured_over_ideal",
+           "compile_s"]
 
 
 def siglip_b16(image_size: int = 512, dtype: str = "float32", seed: int = 0):
@@ -62,25 +66,22 @@ def bench_batch(model, params, images, taus, runs, warmup):
   base_gflops = timing.gflops(base_fn, params, images) / batch
   methods = [("baseline", base_fn, dict(tokens_per_layer=[float(length)] * model.depth))]
   layers = tuple(range(min(8, model.depth)))
+  ratios = {}
   for tau in taus:
     runner = mj.Runner(model.clone(merge=mj.MergeConfig(tau=tau, layers=layers)), params)
     _, aux = runner(images)
     fn = _first(runner.program(runner.schedule, images.shape))
-    ratio = timing.gflops(fn, params, images) / batch / base_gflops
+    ratios[tau] = timing.gflops(fn, params, images) / batch / base_gflops
     methods.append((f"mame({tau:g})", fn, dict(
-        tau=tau, capacities=list(runner.schedule), reruns=runner.reruns,
+        tau=tau, capacities=list(runner.schedule or ()), reruns=runner.reruns,
         tokens_per_layer=np.asarray(aux["tokens_per_block"]).mean(0).round(1).tolist())))
-    r = tome_r_matching(model, length, ratio)
-    same = next((m for m in methods if m[2].get("r") == r), None)
-    if same is not None:  # two taus, one schedule's cost: one ToMe row for both
-      same[2]["matches_tau"].append(tau)
-      continue
+  for r, matched in tome_r_per_tau(model, length, ratios):
     tome = model.clone(merge=mj.ToMeConfig.recipe("timm", r=r))
     tome_fn = _first(lambda p, x, m=tome: m.apply({"params": p}, x))
     # ToMe's counts follow from r alone (r per block, at most half the tokens).
     tokens = tome_token_counts(length, r, model.depth, num_special=0)
     methods.append((f"tome(r={r})", tome_fn, dict(
-        r=r, matches_tau=[tau], tokens_per_layer=[float(t) for t in tokens])))
+        r=r, matches_tau=matched, tokens_per_layer=[float(t) for t in tokens])))
   print(f"SigLIP B/16 image tower, {images.shape[1]} px ({length} tokens), batch {batch}",
         flush=True)
   rows = measure_all(methods, params, images, runs, warmup)
@@ -92,6 +93,19 @@ def bench_batch(model, params, images, taus, runs, warmup):
     row["ideal_speedup"] = base["gflops_per_image"] / row["gflops_per_image"]
     row["measured_over_ideal"] = row["measured_speedup"] / row["ideal_speedup"]
   return rows
+
+
+def tome_r_per_tau(model, length: int, ratios) -> list:
+  """``{tau: MaMe's GFLOPs ratio to the baseline}`` -> ``[(r, [taus])]``: the ToMe
+  ``r`` matching each ratio (``matching.tome_r_for_ratio`` on ``model``'s
+  blocks at ``length`` tokens), each distinct ``r`` once with every tau it
+  matches, in the order first matched. ToMe's ``r`` moves in steps, so two MaMe
+  rows of about the same cost can match the same ``r``: it is timed once, as one
+  row."""
+  out = {}
+  for tau, ratio in ratios.items():
+    out.setdefault(tome_r_for_ratio(model, length, ratio), []).append(tau)
+  return list(out.items())
 
 
 def _first(fn):
@@ -119,7 +133,7 @@ def main(argv=None):
     images = photo_batch(batch, args.image_size, count=len(PHOTOS))
     rows += bench_batch(model, params, images, args.taus, args.runs, args.warmup)
   print()
-  print(timing.format_table(rows, COLUMNS))
+  print(timing.format_table(display(rows), COLUMNS))
   for row in rows:
     print(f"batch {row['batch']} {row['method']:<12} tokens per block: {row['tokens_per_layer']}")
   command = ("python -m benchmarks.siglip_throughput " +
@@ -146,12 +160,13 @@ def section(path=RESULTS) -> list:
   out += [f"`{run['command']}` -- {desc}, {run['dtype']}, {run['date']} (`{path}`).",
           "Random weights on the project's photographs: the cost of each token count is",
           "real, the token counts are not the trained checkpoint's (it merges differently).",
-          "", timing.format_table(run["rows"], COLUMNS), "", "Tokens per block:", ""]
+          "", timing.format_table(display(run["rows"]), COLUMNS), "", "Tokens per block:", ""]
   out += [f"- batch {r['batch']} {r['method']}: {r['tokens_per_layer']}" for r in run["rows"]]
   out += ["", "Not measured or short of the goal:", ""]
   misses = [f"- batch {b}: not measured in this run" for b in (1, 32)
             if b not in run["batches"]]
-  if isinstance(device, dict) and device.get("platform") == "cpu":
+  if (device.get("platform") == "cpu" if isinstance(device, dict)
+      else str(device).startswith("cpu")):
     misses.append("- batch >= 256 in bf16 on a GPU: not measured (no GPU run yet)")
   rows = run["rows"]
   for m in (r for r in rows if r["method"].startswith("mame")):
@@ -167,6 +182,12 @@ def section(path=RESULTS) -> list:
                     "GFLOPs: ToMe's r moves in steps)")
   return out + (misses or ["- nothing: every row measured, MaMe ahead of the baseline "
                            "and of ToMe at matched GFLOPs"])
+
+
+def display(rows) -> list:
+  """``rows`` for the table: ``matches_tau`` as ``"0.8, 0.9"``."""
+  return [{**r, "matches_tau": ", ".join(f"{t:g}" for t in _as_list(r.get("matches_tau")))
+           or None} for r in rows]
 
 
 def _as_list(v) -> list:

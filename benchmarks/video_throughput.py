@@ -16,7 +16,7 @@ machinery (``measure_all``: ``mame_jax.eval.timing.time_interleaved``, median of
 * ``mame`` at each Table 6 ``tau`` (first 8 blocks, exact mode: the runner
   settles the capacity schedule first, then that one program is timed);
 * ``tome`` in every block with the ``r`` whose analytic cost comes closest to
-  that MaMe row's measured GFLOPs ratio (``vit_throughput.tome_r_matching``).
+  that MaMe row's measured GFLOPs ratio (``mame_jax.eval.matching.tome_r_for_ratio``).
 
 ``ideal`` speedup = baseline GFLOPs / method GFLOPs (XLA cost analysis, padding
 included); ``measured/ideal`` is how much of the reduction turns into speed.
@@ -36,7 +36,8 @@ import jax
 import numpy as np
 
 import mame_jax as mj
-from benchmarks.vit_throughput import measure_all, tome_r_matching
+from benchmarks.vit_throughput import measure_all
+from mame_jax.eval.matching import tome_r_for_ratio
 from mame_jax.eval import timing
 from mame_jax.eval.data import PHOTOS, load_image
 from mame_jax.eval.report import write_json
@@ -91,7 +92,7 @@ def bench(size_name, videos, args):
     methods.append((f"mame {tau:g}", fn, dict(
         tau=tau, capacities=list(runner.schedule), reruns=runner.reruns,
         tokens_per_layer=np.asarray(aux["tokens_per_block"]).mean(0).round(1).tolist())))
-    r = tome_r_matching(model, length, ratio)
+    r = tome_r_for_ratio(model, length, ratio)
     tome = model.clone(merge=mj.ToMeConfig.recipe("mae", r=r))
     tome_fn = jax.jit(lambda p, v, tome=tome: tome.apply({"params": p}, v))
     _, taux = tome_fn(params, x)

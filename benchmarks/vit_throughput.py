@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import shlex
 import sys
 
@@ -39,6 +38,7 @@ import numpy as np
 import mame_jax as mj
 from mame_jax.eval import timing
 from mame_jax.eval.data import PHOTOS, load_image
+from mame_jax.eval.matching import tome_r_for_ratio
 from mame_jax.merge import merged_length
 from mame_jax.eval.report import write_json
 
@@ -61,49 +61,6 @@ def photo_batch(batch: int, size: int = 224, count: int = 6) -> jax.Array:
   photographs (``PHOTOS``), tiled to the batch, so that merges see real images."""
   photos = np.stack([load_image(n, size) for n in PHOTOS[:count]])
   return jnp.asarray(np.resize(photos, (batch,) + photos.shape[1:]))
-
-
-def block_flops(length, width, mlp_dim):
-  """Analytic multiply-adds x2 of one block at ``length`` tokens."""
-  return 2 * length * (4 * width * width + 2 * width * mlp_dim) + 4 * length * length * width
-
-
-def tome_r_matching(model, length, target_flops_ratio):
-  """The ToMe ``r`` (every block) whose analytic cost ratio is closest to the target."""
-  mlp = model.mlp_dim or 4 * model.width
-  base = sum(block_flops(length, model.width, mlp) for _ in range(model.depth))
-  best = (None, 1e9)
-  ns = 1 if model.has_class_token else 0
-  for r in range(0, (length - ns) // 2 + 1):
-    n, cost = length, 0
-    for _ in range(model.depth):
-      cost += block_flops(n, model.width, mlp)
-      n = max(n - min(r, (n - ns) // 2), ns + 1)
-    gap = abs(cost / base - target_flops_ratio)
-    if gap < best[1]:
-      best = (r, gap)
-  return best[0]
-
-
-def evit_keep_matching(model, length, target_flops_ratio, layers=(3, 6, 9)):
-  """The EViT keep rate (a multiple of 0.05, in ``layers``) whose analytic cost
-  ratio is closest to the target: attention at the block's input length, the
-  MLP at its output length (EViT prunes between them)."""
-  mlp = model.mlp_dim or 4 * model.width
-  base = sum(block_flops(length, model.width, mlp) for _ in range(model.depth))
-  best = (None, 1e9)
-  for keep in np.arange(0.05, 1.0001, 0.05):
-    n, cost = length, 0
-    for i in range(model.depth):
-      attn = block_flops(n, model.width, mlp)
-      if i in layers:
-        k = math.ceil(keep * (n - 1))
-        n = 1 + k + (k < n - 1)   # the class token, the kept ones, the fused one
-      cost += (attn + block_flops(n, model.width, mlp)) / 2
-    gap = abs(cost / base - target_flops_ratio)
-    if gap < best[1]:
-      best = (round(float(keep), 2), gap)
-  return best[0]
 
 
 def measure_all(methods, params, images, runs, warmup=2):
@@ -159,7 +116,7 @@ def bench_model(variant, args, images):
   methods.append(("slice", slice_fn, dict(lengths=lengths)))
 
   length = images.shape[1] // 16 * (images.shape[2] // 16) + 1
-  r = tome_r_matching(model, length, base_gflops and mame_gflops / base_gflops)
+  r = tome_r_for_ratio(model, length, base_gflops and mame_gflops / base_gflops)
   tome_model = model.clone(merge=mj.ToMeConfig(r=r))
   tome_fn = jax.jit(lambda p, x: tome_model.apply({"params": p}, x))
   _, taux = tome_fn(params, images)

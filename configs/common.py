@@ -143,6 +143,7 @@ def eval_config() -> ml_collections.ConfigDict:
       distributed=False,            # multi-host: jax.distributed.initialize() first
       json=placeholder(str),        # write the results here
       progress=placeholder(bool),   # progress bar; None: when stderr is a terminal
+      match_tau=placeholder(float), # ToMe/EViT/DiffRate set to this MaMe tau's GFLOPs
   ))
   config.zeroshot = zeroshot_config()
   config.video = video_config()
@@ -192,9 +193,13 @@ def visualize_config() -> ml_collections.ConfigDict:
       tau=DEFAULT_TAU,
       tome_r=placeholder(str),      # ToMe r per merge layer as text, or "match"
       layers=placeholder(str),      # one panel each; None: the first 8 blocks
+      evit=placeholder(float),      # also draw EViT at this keep rate
+      evit_layers=placeholder(str), # EViT blocks; None: EViT's own 3,6,9 (0-based)
+      diffrate=placeholder(str),    # also draw DiffRate's published MODEL@GFLOPS schedule
   ))
   config.visualize = ml_collections.ConfigDict(dict(
       images=(),                    # image files or skimage.data names
+      video=placeholder(str),       # or one video file, for a video model (VideoMAE)
       out="token_clusters.png",
       panel=160,                    # panel side in pixels
   ))

@@ -25,10 +25,19 @@ dropped), so under ``jax.jit`` one capacity schedule is one program, and
 ``pad_to`` gives every batch the same length for the language model. With
 ``tau >= 1`` (or no merge) the tokens are exactly the plain encoder's hidden
 states. The blocks after ``layer`` are not run.
+
+Which patches feed each token: ``vision_tokens(..., return_sources=True)`` adds
+the :class:`~mame_jax.vis.sources.SourceMap` of block ``layer``, aligned with the
+tokens (the class token left out when ``drop_special``, padding as ``pad_to``
+asks), so token ``t`` holds the patches with ``hard == t``; :func:`token_sources`
+gives the map alone, :func:`patch_counts` / :func:`kept_and_merged` count kept
+tokens (one patch each) and merged ones, and
+``mame_jax.vis.pictures.vision_token_figure`` draws them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import flax.linen as nn
@@ -36,12 +45,46 @@ import jax
 import jax.numpy as jnp
 
 from mame_jax.merge import is_traced
-from mame_jax.models import two_towers, vit
+from mame_jax.models import clip, two_towers, vit
 from mame_jax.models.inputs import check_images
 from mame_jax.models.merging import merge_records
 from mame_jax.vis import sources
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class Style:
+  """How one kind of vision-language model reads its image encoder.
+
+  Attributes:
+    source: ``load_model``'s known name of the encoder checkpoint.
+    layer, drop_special, norm: :func:`vision_tokens`' arguments for it.
+    fallback: ``vit.Model`` arguments of a small random stand-in of the same
+      kind (``load.pretrained_or_random``'s ``fallback_kw``), for offline runs.
+    name: the stand-in's kind, for the note that says it is random.
+  """
+
+  source: str
+  layer: int
+  drop_special: bool
+  norm: bool
+  fallback: dict
+  name: str
+
+
+# LLaVA-1.5: CLIP ViT-L/14-336, the penultimate layer's 576 patch tokens, no class
+# token. PaliGemma: SigLIP So400m/14 (its last layer after the final LayerNorm, as
+# big_vision's "encoded"); the nearest known checkpoint here is SigLIP B/16-512.
+STYLES = {
+    "llava": Style("clip_l14_336", layer=-2, drop_special=True, norm=False,
+                   fallback=dict(patch_size=14, pre_norm=True, activation="quick_gelu",
+                                 input_norm=(clip.CLIP_MEAN, clip.CLIP_STD)),
+                   name="CLIP-shaped ViT"),
+    "paligemma": Style("siglip_b16_512", layer=-1, drop_special=True, norm=True,
+                       fallback=dict(patch_size=14, class_token=False, pool_type="map"),
+                       name="SigLIP-shaped ViT"),
+}
 
 
 def image_tower(model, params) -> tuple:
@@ -84,7 +127,8 @@ def track_sizes(size, merge_aux):
 
 
 def vision_tokens(model, params, images, *, layer: int = -1, drop_special: bool = True,
-                  pad_to: Optional[int] = None, norm: bool = False):
+                  pad_to: Optional[int] = None, norm: bool = False,
+                  return_sources: bool = False):
   """The hidden states a language model reads, after block ``layer``.
 
   Args:
@@ -100,27 +144,64 @@ def vision_tokens(model, params, images, *, layer: int = -1, drop_special: bool 
       every image's real tokens fit; else ``ValueError``.
     norm: apply the tower's final LayerNorm (``encoder_norm``) to the tokens, as
       transformers' ``last_hidden_state`` of SigLIP does.
+    return_sources: also return the tokens' source map (:func:`token_sources`).
 
   Returns:
     ``(tokens (B, L', D), sizes (B, L') float32, token_mask (B, L') bool)``; see
-    the module docstring.
+    the module docstring. With ``return_sources`` a fourth entry, the
+    :class:`~mame_jax.vis.sources.SourceMap` ``(soft (B, P, L'), hard (B, P),
+    mixing (B, L', P))`` whose token index ``t`` is token ``t`` of ``tokens``.
   """
   img_model, img_params = image_tower(model, params)
   k = block_index(layer, img_model.depth)
   check_images(img_model, img_params, images)
-  args = (img_model, k, bool(drop_special), bool(norm))
+  args = (img_model, k, bool(drop_special), bool(norm), bool(return_sources))
   try:
     hash(args)
   except TypeError:  # a traced tau in the merge config: run it as it is
-    x, size, mask = _tokens(*args, img_params, images)
+    out = _tokens(*args, img_params, images)
   else:  # one compiled program per model, layer and input shape
-    x, size, mask = _tokens_jit(*args, img_params, images)
+    out = _tokens_jit(*args, img_params, images)
   if pad_to is not None:
-    x, size, mask = _pad(x, size, mask, int(pad_to))
-  return x, size, mask
+    out = _pad(*out, pad_to=int(pad_to))
+  return out
 
 
-def _tokens(img_model, k, drop_special, norm, img_params, images):
+def token_sources(model, params, images, *, layer: int = -1, drop_special: bool = True,
+                  pad_to: Optional[int] = None) -> sources.SourceMap:
+  """The :class:`~mame_jax.vis.sources.SourceMap` of the tokens
+  :func:`vision_tokens` returns with the same arguments: ``hard (B, P)`` indexes
+  those tokens (``-1``: a patch dropped by a fixed capacity), ``soft (B, P, L')``
+  are the shares (``soft.sum(1)`` is ``sizes``), ``mixing (B, L', P)``,
+  ``token_mask`` the tokens' mask; ``grid`` the patch grid. With ``drop_special``
+  the class token is left out (``num_special`` 0)."""
+  return vision_tokens(model, params, images, layer=layer, drop_special=drop_special,
+                       pad_to=pad_to, return_sources=True)[3]
+
+
+def patch_counts(smap: sources.SourceMap) -> jax.Array:
+  """(B, L) int32: the patches whose largest holder is each token (``hard``'s
+  labels counted). Where every share is whole (ToMe, or MaMe with ``tau >= 1``)
+  this is ``sizes``; a MaMe token may also hold parts of patches it is not the
+  largest holder of."""
+  held = jax.nn.one_hot(smap.hard, smap.token_mask.shape[1], dtype=jnp.int32)
+  return held.sum(1)
+
+
+def kept_and_merged(smap: sources.SourceMap) -> dict:
+  """Per image ``(B,)`` int32 counts by ``hard``: ``kept`` tokens hold exactly one
+  patch, ``merged`` tokens several (``merged_patches`` in all); ``dropped``
+  patches have no token (fixed capacities only). ``kept + merged_patches +
+  dropped`` is the patch count ``P``; ``kept + merged`` the tokens holding a
+  patch (special tokens hold none)."""
+  counts = patch_counts(smap)
+  return {"kept": (counts == 1).sum(-1).astype(jnp.int32),
+          "merged": (counts > 1).sum(-1).astype(jnp.int32),
+          "merged_patches": jnp.where(counts > 1, counts, 0).sum(-1).astype(jnp.int32),
+          "dropped": (smap.hard < 0).sum(-1).astype(jnp.int32)}
+
+
+def _tokens(img_model, k, drop_special, norm, return_sources, img_params, images):
   ns = 1 if img_model.has_class_token else 0
   # Only the blocks up to `layer` run; pooling and head are left out (their params
   # stay in the tree, unused).
@@ -143,12 +224,17 @@ def _tokens(img_model, k, drop_special, norm, img_params, images):
     size = track_sizes(size, merge_aux)
   x = jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
   size = jnp.where(mask, size, 0.0)
+  smap = sources.source_maps(aux, img_model.merge)[k] if return_sources else None
   if drop_special and ns:
     x, size, mask = x[:, ns:], size[:, ns:], mask[:, ns:]
-  return x, size, mask
+    if smap is not None:  # specials hold no patch: every hard label moves down by ns
+      smap = smap.replace(soft=smap.soft[:, :, ns:], mixing=smap.mixing[:, ns:],
+                          hard=jnp.where(smap.hard >= 0, smap.hard - ns, -1),
+                          token_mask=smap.token_mask[:, ns:], num_special=0)
+  return (x, size, mask) if smap is None else (x, size, mask, smap)
 
 
-_tokens_jit = jax.jit(_tokens, static_argnums=(0, 1, 2, 3))
+_tokens_jit = jax.jit(_tokens, static_argnums=(0, 1, 2, 3, 4))
 
 
 def length_in(aux) -> int:
@@ -156,12 +242,13 @@ def length_in(aux) -> int:
   return aux["block00"]["+sa"].shape[1]
 
 
-def _pad(x, size, mask, pad_to):
+def _pad(x, size, mask, smap=None, *, pad_to):
   length = x.shape[1]
   if pad_to >= length:
     extra = pad_to - length
-    return (jnp.pad(x, ((0, 0), (0, extra), (0, 0))), jnp.pad(size, ((0, 0), (0, extra))),
-            jnp.pad(mask, ((0, 0), (0, extra))))
+    out = (jnp.pad(x, ((0, 0), (0, extra), (0, 0))), jnp.pad(size, ((0, 0), (0, extra))),
+           jnp.pad(mask, ((0, 0), (0, extra))))
+    return out if smap is None else out + (_resize_map(smap, pad_to),)
   if is_traced(mask):
     raise ValueError(f"pad_to={pad_to} is less than the static length {length} under jit, "
                      "where the real counts are unknown: give the merge a capacity that "
@@ -170,4 +257,17 @@ def _pad(x, size, mask, pad_to):
   if most > pad_to:
     raise ValueError(f"pad_to={pad_to} is less than the {most} real tokens of an image in "
                      "this batch")
-  return x[:, :pad_to], size[:, :pad_to], mask[:, :pad_to]
+  out = x[:, :pad_to], size[:, :pad_to], mask[:, :pad_to]
+  return out if smap is None else out + (_resize_map(smap, pad_to),)
+
+
+def _resize_map(smap, length):
+  """``smap`` over ``length`` token slots: padding slots added (holding no patch)
+  or cut (only slots after every real token, so ``hard`` stays as it is)."""
+  extra = length - smap.token_mask.shape[1]
+  if extra <= 0:
+    return smap.replace(soft=smap.soft[:, :, :length], mixing=smap.mixing[:, :length],
+                        token_mask=smap.token_mask[:, :length])
+  return smap.replace(soft=jnp.pad(smap.soft, ((0, 0), (0, 0), (0, extra))),
+                      mixing=jnp.pad(smap.mixing, ((0, 0), (0, extra), (0, 0))),
+                      token_mask=jnp.pad(smap.token_mask, ((0, 0), (0, extra))))

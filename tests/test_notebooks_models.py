@@ -1,6 +1,8 @@
-"""The model notebooks (generation, SigLIP zero-shot) run end to end, headless and
+"""The model notebooks (generation, SigLIP zero-shot, vision tokens) run end to end, headless and
 offline (tests/notebook_runner.py runs them; a separate file so that the second
 pytest worker runs them beside the vision notebooks)."""
+
+import re
 
 import pytest
 
@@ -32,3 +34,18 @@ def test_zero_shot_siglip_labels_with_and_without_mame(executed):
   assert "baseline:" in text and "MaMe tau=0.9:" in text and "measured speedup" in text
   assert images_of(nb), "the image tower's token clusters are displayed"
 
+
+
+def test_vision_tokens_counts_both_runs_and_draws_the_tokens(executed):
+  nb, _, _ = executed["vision_tokens"]
+  text = text_of(nb)
+  assert "randomly initialised CLIP-shaped ViT" in text
+  assert "baseline: 256 -> 256 tokens" in text, "the plain encoder keeps every patch"
+  merged = re.search(r"MaMe tau=0\.8: 256 -> (\d+) tokens", text)
+  assert merged and int(merged.group(1)) < 256, "MaMe's token count is printed"
+  kept = re.search(r"(\d+) tokens kept \(one patch each\), (\d+) patches merged into (\d+) "
+                   r"tokens", text)
+  assert kept and int(kept.group(1)) + int(kept.group(2)) == 256
+  assert int(kept.group(1)) + int(kept.group(3)) == int(merged.group(1))
+  assert "encoder speedup with MaMe" in text
+  assert images_of(nb), "the kept and merged tokens are drawn"

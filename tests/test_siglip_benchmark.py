@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import siglip_throughput as bench
+from mame_jax.eval import matching
 
 RESULTS = pathlib.Path(__file__).resolve().parent.parent / "results" / "siglip_throughput.json"
 
@@ -31,9 +32,10 @@ def run_json(batches):
   for b in batches:
     base = dict(batch=b, method="baseline", images_per_s=2.0, gflops_per_image=200.0)
     mame = dict(batch=b, method="mame(0.9)", tau=0.9, images_per_s=2.4, gflops_per_image=150.0)
-    tome = dict(batch=b, method="tome(r=20)", r=20, matches_tau=0.9, images_per_s=2.6,
+    mame2 = dict(batch=b, method="mame(0.95)", tau=0.95, images_per_s=2.7, gflops_per_image=150.0)
+    tome = dict(batch=b, method="tome(r=20)", r=20, matches_tau=[0.9, 0.95], images_per_s=2.6,
                 gflops_per_image=150.0)
-    for row in (base, mame, tome):
+    for row in (base, mame, mame2, tome):
       row.update(tokens_per_layer=[1024.0], measured_speedup=row["images_per_s"] / 2.0,
                  ideal_speedup=200.0 / row["gflops_per_image"])
       rows.append(row)
@@ -52,11 +54,38 @@ def test_section_renders_the_run_and_says_what_is_missing(tmp_path):
   assert "batch 32: not measured" in text and "batch 1: not measured" not in text
   assert "on a GPU: not measured" in text
   assert "batch 1 mame(0.9): 2.40 img/s, below its GFLOPs-matched tome(r=20)" in text
+  assert "mame(0.95): 2.70" not in text  # faster than the ToMe row it shares
+  assert text.count("| tome(r=20) ") == 1 and "| 0.9, 0.95 " in text
   assert "not measured yet" in "\n".join(bench.section(tmp_path / "none.json")).lower()
+
+
+def test_taus_matching_one_r_share_one_tome_row():
+  model = bench.mj.Model(None, variant="B/16", pool_type="map", class_token=False)
+  out = bench.tome_r_per_tau(model, 1024, {0.8: 0.25, 0.9: 0.25, 0.95: 0.6})
+  assert [taus for _, taus in out] == [[0.8, 0.9], [0.95]]
+  assert [r for r, _ in out] == [matching.tome_r_for_ratio(model, 1024, q) for q in (0.25, 0.6)]
+  assert out[0][0] > out[1][0] > 0  # the cheaper target merges more
+
+
+def test_each_distinct_r_is_timed_once():
+  # Two taus >= 1 merge nothing: both match r = 0, which gets one row.
+  model = bench.mj.Model(None, width=32, depth=2, num_heads=1, mlp_dim=64, patch_size=16,
+                         pool_type="map", class_token=False)
+  params = bench.load.random_params(model, 64)
+  images = jnp.zeros((1, 64, 64, 3), jnp.float32)
+  rows = bench.bench_batch(model, params, images, (1.0, 1.5), runs=1, warmup=0)
+  assert [r["method"] for r in rows] == ["baseline", "mame(1)", "mame(1.5)", "tome(r=0)"]
+  assert rows[-1]["matches_tau"] == [1.0, 1.5] and rows[1]["capacities"] == []
 
 
 def test_committed_results_render():
   out = json.loads(RESULTS.read_text())
+  methods = [(r["batch"], r["method"]) for r in out["rows"]]
+  assert len(methods) == len(set(methods))  # each ToMe r timed once
+  for m in (r for r in out["rows"] if r["method"].startswith("mame")):
+    shared = [r for r in out["rows"] if m["tau"] in r.get("matches_tau", [])
+              and r["batch"] == m["batch"]]
+    assert len(shared) == 1 and isinstance(shared[0]["matches_tau"], list)
   assert out["rows"][0]["method"] == "baseline" and 1 in out["batches"]
   assert out["rows"][0]["tokens_per_layer"][0] == 1024.0
   assert all(np.isfinite(r["ideal_speedup"]) for r in out["rows"])

@@ -6,9 +6,12 @@ shared by every run of this module, so its step compiles once in-process."""
 
 import json
 import os
+import signal
 import socket
+import struct
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -304,3 +307,99 @@ def test_the_benchmark_sections_render_their_json_with_command_device_and_date(
     assert command in md and "cpu x2" in md and "2026-12-01" in md
   assert "No GPU figure yet" in step_md and "| none" in step_md
   assert "not ImageNet" in digits_md and "900 images/s" in digits_md
+
+
+# ----------------------------------------------------------------------------
+# A real kill, and TensorBoard
+
+
+def test_train_py_killed_during_an_async_checkpoint_write_resumes_to_the_same_final_npz(
+    runs, capsys):
+  tmp, data = runs["tmp"], runs["data"]
+  work = tmp / "killed"
+  ckpts = work / "checkpoints"
+  # The session's XLA_FLAGS (tests/conftest.py) are inherited as they are: the
+  # same compiler settings as the in-process uninterrupted run.
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  with open(tmp / "killed.err", "w") as err:
+    proc = subprocess.Popen([sys.executable, "train.py", *argv(data, work)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=err)
+    try:
+      # Step 8's checkpoint is finished first; step 16's folder appears when orbax
+      # begins writing it in the background (a write takes some 0.1-0.5 s here):
+      # kill at once, mid-write.
+      while proc.poll() is None and not (ckpts.is_dir() and any(
+          n.startswith("16") for n in os.listdir(ckpts))):
+        time.sleep(0.002)
+      proc.send_signal(signal.SIGKILL)
+    finally:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode == -signal.SIGKILL, (tmp / "killed.err").read_text()[-3000:]
+  left = sorted(os.listdir(ckpts))
+  finished = [int(n) for n in left if n.isdigit()]
+  unfinished = [n for n in left if ".orbax-checkpoint-tmp" in n]
+  assert left and len(finished) + len(unfinished) == len(left), left
+  assert 8 in finished  # orbax renames a step's folder once all of it is written
+  # The same command again, to the end (train.main is what `python train.py` runs;
+  # in-process, it reuses the compiled step of the module's other runs). An
+  # unfinished step is no checkpoint: it resumes from the newest finished one (8,
+  # unless the kill came after step 16's rename), written by the killed process.
+  assert train.main(argv(data, work)) == 0
+  newest = max(finished)
+  assert f"resumed from {ckpts}/{newest} (step {newest})" in capsys.readouterr().out
+  assert sorted(os.listdir(ckpts)) == ["16", "24"]  # nothing unfinished left behind
+  assert [r["step"] for r in rows(work) if "loss" in r] == [4, 8, 12, 16, 20, 24]
+  want = checkpoints.read_arrays(str(tmp / "full" / "final.npz"))
+  got = checkpoints.read_arrays(str(work / "final.npz"))
+  assert sorted(got) == sorted(want)
+  for k in want:
+    assert want[k].dtype == got[k].dtype and np.array_equal(want[k], got[k]), k
+
+
+def read_scalars(logdir):
+  """``{tag: {step: value}}`` of every event file in ``logdir``, read as TFRecords
+  (length (8 bytes), its masked CRC-32C (4), the Event protobuf, its CRC (4))
+  with tensorboardX's own protobuf and checksum; the last value of a step wins."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  from tensorboardX.record_writer import masked_crc32c  # pylint: disable=import-outside-toplevel
+  scalars, files = {}, sorted(os.listdir(logdir))
+  for name in files:
+    blob, pos = open(os.path.join(logdir, name), "rb").read(), 0
+    while pos < len(blob):
+      header = blob[pos:pos + 8]
+      (n,) = struct.unpack("<Q", header)
+      (crc,) = struct.unpack("<I", blob[pos + 8:pos + 12])
+      payload = blob[pos + 12:pos + 12 + n]
+      (data_crc,) = struct.unpack("<I", blob[pos + 12 + n:pos + 16 + n])
+      assert crc == masked_crc32c(header) and data_crc == masked_crc32c(payload)
+      pos += 16 + n
+      event = event_pb2.Event.FromString(payload)
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+  return files, scalars
+
+
+def test_tensorboard_events_hold_the_scalars_of_metrics_jsonl(runs):
+  work = runs["tmp"] / "full"
+  files, scalars = read_scalars(work / "tensorboard")
+  assert len(files) == 1 and files[0].startswith("events.out.tfevents.")
+  logged = rows(work)
+  train_rows = [r for r in logged if "loss" in r]
+  for key in ("loss", "lr", "images_per_s", "grad_norm", "accuracy", "dropped"):
+    assert sorted(scalars[key]) == [4, 8, 12, 16, 20, 24], key
+    for r in train_rows:
+      assert scalars[key][r["step"]] == pytest.approx(r[key], rel=1e-6), key
+  assert scalars["tokens/0"][24] == 17.0 and scalars["tokens/1"][24] == 9.0
+  (ev,) = [r for r in logged if "eval_top1" in r]
+  assert scalars["eval_top1"] == {24: pytest.approx(ev["eval_top1"])}
+  assert "eval_method" not in scalars  # text fields stay in metrics.jsonl only
+  # The stopped-and-resumed run: one file per run, every step once.
+  files, scalars = read_scalars(runs["tmp"] / "resumed" / "tensorboard")
+  assert len(files) == 2 and sorted(scalars["loss"]) == [4, 8, 12, 16, 20, 24]
+
+
+def test_without_tensorboardx_the_loop_writes_no_events(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorboardX", None)  # `import tensorboardX` fails
+  assert loop.TensorBoard.open(str(tmp_path), 0) is None
+  assert not (tmp_path / "tensorboard").exists()

@@ -2,8 +2,9 @@
 CLI and the source maps: videos the test encodes itself with PyAV decode into
 the frames VideoMAE's test-time rule picks (an independent transcription of it
 below), a corrupt file and a too-short video are counted and reported without
-stopping the run, ``mame-jax eval`` runs a tiny VideoMAE folder end to end, and
-the source maps of a video keep every tubelet's shares adding up to one."""
+stopping the run, ``mame-jax eval`` runs a tiny VideoMAE folder end to end,
+the source maps of a video keep every tubelet's shares adding up to one, and
+``mame-jax visualize --video`` draws them as strips (refusing an image model)."""
 
 import json
 
@@ -236,3 +237,45 @@ def test_video_source_maps_sum_to_one_per_tubelet_and_draw_as_strips(tiny_videom
   assert (tmp_path / "v.png").stat().st_size > 0
   with pytest.raises(ValueError, match="grid"):
     pictures.video_figure(clip[0], [("x", [sources.identity_map(1, 4)])], [0])
+
+
+# ----------------------------------------------------------------------------
+# mame-jax visualize --video
+
+
+def test_mame_jax_visualize_draws_a_video_as_strips_and_refuses_a_mismatch(
+    tiny_videomae, video_folder, tmp_path, capsys):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from mame_jax.cli import visualize  # pylint: disable=import-outside-toplevel
+  model, _, folder = tiny_videomae
+  clip = video_folder / "a" / "v0.mp4"  # 9 frames of 32 x 48
+  # The clip is the evaluation's: every 4th frame (0, 4, 8, then 8 again), the
+  # centred 32 x 32 crop.
+  every, _ = video.decode(clip)
+  want = every[[0, 4, 8, 8], :, 8:40].astype(np.float32) / 127.5 - 1
+  np.testing.assert_array_equal(visualize.read_video(clip, model), want)
+  out = tmp_path / "strip.png"
+  # The settings of the source-map test above: its compiled programs serve.
+  rc = visualize.cli_main(["--checkpoint", str(folder), "--video", str(clip), "--tau", "0.5",
+                           "--tome-r", "6", "--layers", "0,1", "--panel", "40",
+                           "--out", str(out)])
+  text = capsys.readouterr()
+  assert rc == 0, text.err
+  assert "MaMe tau=0.5" in text.out and "ToMe r=6" in text.out and f"wrote {out}" in text.out
+  assert "tokens after blocks 0-1: 26 20" in text.out            # ToMe: 32 -> 26 -> 20
+  with Image.open(out) as im:                # 2 tubelets x 40 px; frames + 2 x 2 strips
+    assert im.size == (80, 5 * (40 + pictures.TITLE_PX))
+  # A video for an image model, images for a video model, both at once.
+  assert visualize.cli_main(["--video", str(clip), "--out", str(tmp_path / "x.png")]) == 2
+  assert "--video needs a video model" in capsys.readouterr().err
+  assert visualize.cli_main(["--checkpoint", str(folder), "astronaut",
+                             "--out", str(tmp_path / "y.png")]) == 2
+  assert "is a video model (VideoMAE): pass --video FILE" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:
+    visualize.parse(["astronaut", "--video", str(clip)])
+  assert e.value.code == 2 and "not both" in capsys.readouterr().err
+  assert visualize.cli_main(["--checkpoint", str(folder), "--video",
+                             str(video_folder / "a" / "broken.mp4"),
+                             "--out", str(tmp_path / "z.png")]) == 2
+  assert "PyAV cannot decode it" in capsys.readouterr().err
+  assert not any((tmp_path / n).exists() for n in ("x.png", "y.png", "z.png"))

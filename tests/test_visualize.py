@@ -187,3 +187,48 @@ def test_matched_tome_removes_about_as_many_tokens_as_mame(tiny):
   assert tome[:, 1].tolist() == [pictures.tome_token_counts(17, r, 2)[-1]] * 2
   assert abs(tome[0, 1] - target) == min(
       abs(pictures.tome_token_counts(17, q, 2)[-1] - target) for q in range(18))
+
+
+def test_evit_and_diffrate_rows_show_kept_fused_and_pruned_patches(tmp_path, tiny):
+  # 64 px, 16-px patches: 16 patches + the class token, 2 blocks.
+  model, params = tiny
+  images = np.stack([data.load_image(n, 64) for n in ("astronaut", "coffee")])
+  evit = mj.EViTConfig(keep_rate=0.5, layers=(0,))
+  dr = mj.DiffRateConfig(prune=(13, 9), merge=(11, 7))
+  _, counts = pictures.draw(model, params, images, tau=0.5, layers=(0, 1), extra=[evit, dr],
+                            out_path=tmp_path / "fig.png", panel=64)
+  png = matplotlib.image.imread(tmp_path / "fig.png")
+  assert png.shape[:2] == pictures.figure_size(2 * 3, 2, panel=64)[::-1]  # 3 rows an image
+  assert list(counts) == ["MaMe tau=0.5", "EViT(keep=0.5)", "DiffRate(schedule)"]
+  assert counts["EViT(keep=0.5)"][:, 0].tolist() == [1 + 8 + 1] * 2
+  assert counts["DiffRate(schedule)"][:, 1].tolist() == [7, 7]
+  # EViT after block 0: the 8 kept tokens (1..8) hold one patch each, the fused
+  # token (9, the last) the 8 others: keep + 1 groups, the class token holds none.
+  maps, _ = pictures.merge_maps(model, params, images, evit)
+  for hard in np.asarray(maps[0].hard):
+    assert sorted(set(hard.tolist())) == list(range(1, 10))
+    assert (hard == 9).sum() == 8 and all((hard == t).sum() == 1 for t in range(1, 9))
+  # DiffRate: 4 patches pruned in block 0, 2 tokens (>= 1 patch each) in block 1 --
+  # they belong to no token (-1) and are painted black; the 6 tokens left are groups.
+  dmaps, _ = pictures.merge_maps(model, params, images, dr)
+  for b, hard in enumerate(np.asarray(dmaps[1].hard)):
+    assert (hard == -1).sum() >= 6 and len(set(hard[hard >= 0].tolist())) == 6
+    pic = pictures.cluster_image(images[b], hard, (4, 4), size=64)
+    p = int(np.flatnonzero(hard == -1)[0])
+    np.testing.assert_allclose(pic[16 * (p // 4) + 8, 16 * (p % 4) + 8], 0)
+
+
+def test_cli_draws_evit_and_rejects_a_diffrate_schedule_for_another_depth(tmp_path, tiny,
+                                                                         capsys):
+  out = tmp_path / "out.png"
+  assert visualize_cli.cli_main(["astronaut", "--layers", "0-1", "--evit", "0.5",
+                                 "--evit-layers", "0", "--out", str(out), "--panel", "64"]) == 0
+  assert "EViT(keep=0.5)" in capsys.readouterr().out
+  assert matplotlib.image.imread(out).shape[:2] == (2 * (64 + pictures.TITLE_PX), 3 * 64)
+  # DiffRate's DeiT-S schedule has 12 blocks; the random ViT here has 2.
+  assert visualize_cli.cli_main(["astronaut", "--layers", "0-1", "--diffrate",
+                                 "deit_small@2.3", "--out", str(tmp_path / "x.png")]) == 2
+  assert "12 blocks; the model has 2" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    visualize_cli.cli_main(["astronaut", "--diffrate", "deit_small"])
+  assert "--diffrate" in capsys.readouterr().err

@@ -210,12 +210,19 @@ def folder_source(root, sampling: Sampling = Sampling(), label_map=None) -> data
 
   def fetch(record):
     path, label = record
-    frames, count = decode(path, sampling.stride)
-    # decode() already kept indices 0, stride, ...: pad / check on the true count.
-    return _thinned(frames, count, sampling), label
+    return read_clip(path, sampling), label
   return data_lib.Source(name=root, size=len(files), read=lambda a, b: iter(files[a:b]),
                          fetch=fetch, describe=lambda r: r[0],
                          label_names=tuple(classes) or None)
+
+
+def read_clip(path, sampling: Sampling = Sampling()) -> np.ndarray:
+  """The frames of the video file ``path`` that :func:`frame_indices` selects,
+  uint8 ``(num_frames, H, W, 3)`` as decoded (not yet ``sampling.preprocess``-ed);
+  :class:`TooShortVideo` below ``sampling.min_frames``."""
+  frames, count = decode(path, sampling.stride)
+  # decode() already kept indices 0, stride, ...: pad / check on the true count.
+  return _thinned(frames, count, sampling)
 
 
 def _thinned(kept, count, sampling: Sampling) -> np.ndarray:

@@ -420,7 +420,8 @@ def _one_line(error: BaseException, limit: int = 160) -> str:
 def pretrained_or_random(source="augreg_b16", *, offline: Optional[bool] = None,
                          timeout: float = 10.0, cache_dir=None, image_size=None,
                          fallback_size: int = 224, fallback_depth: int = 4,
-                         fallback_variant: Optional[str] = None):
+                         fallback_variant: Optional[str] = None,
+                         fallback_kw: Optional[dict] = None, fallback_name: str = "ViT"):
   """``(model, params, note)``: the checkpoint ``source`` (anything
   :func:`load_model` takes: a known name, a URL, a file) when it can be had,
   else a random model; ``note`` is one line saying which, for printing.
@@ -428,7 +429,10 @@ def pretrained_or_random(source="augreg_b16", *, offline: Optional[bool] = None,
   The fallback is :func:`random_vit` (``fallback_depth`` blocks at
   ``fallback_size``: shallow, because on a CPU compiling the merged model costs
   more than running it), or a random ``fallback_variant`` (e.g. ``"Ti/16"``)
-  when given. ``image_size``: the resolution to run at, for the checkpoint
+  when given. ``fallback_kw``: ``vit.Model`` arguments of the random ViT that
+  make it the checkpoint's kind (a CLIP-shaped one: ``patch_size=14,
+  pre_norm=True, activation="quick_gelu"``), ``fallback_name`` names that kind in
+  the note. ``image_size``: the resolution to run at, for the checkpoint
   (position embeddings resampled; default its own) and the fallback (default
   ``fallback_size``). ``offline`` (default: ``$MAME_JAX_OFFLINE=1``) goes straight to
   the fallback, touching neither the network nor the cache, so that offline runs
@@ -446,8 +450,8 @@ def pretrained_or_random(source="augreg_b16", *, offline: Optional[bool] = None,
     if fallback_variant:
       model, params = load_model(variant=fallback_variant, image_size=size)
       return model, params, f"randomly initialised ViT-{fallback_variant} ({describe(model)})"
-    model, params = random_vit(size, depth=fallback_depth)
-    return model, params, f"randomly initialised ViT ({describe(model)})"
+    model, params = random_vit(size, depth=fallback_depth, **(fallback_kw or {}))
+    return model, params, f"randomly initialised {fallback_name} ({describe(model)})"
 
   if offline:
     model, params, what = fallback()

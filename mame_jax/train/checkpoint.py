@@ -8,6 +8,13 @@ position -- the next batch index, which with the seed fixes every later batch
 writes; ``wait`` before reading) and atomic (orbax finalises a step by a
 rename, so a run killed while writing leaves the previous checkpoint as the
 newest); the newest ``keep`` are kept.
+
+A run killed (SIGKILL) while orbax writes leaves the step's unfinished
+``<step>.orbax-checkpoint-tmp`` folder (its items half written, no ``<step>``
+folder). orbax never lists it as a step, so ``latest`` ignores it, and opening
+the manager again removes it (``cleanup_tmp_directories``): a leftover of a
+step the next run does not save again does not stay behind
+(``tests/test_train.py`` kills ``train.py`` mid-write and checks both).
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ class Checkpoints:
   def __init__(self, workdir, *, keep: int = 3, asynchronous: bool = True):
     self.directory = os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
     options = ocp.CheckpointManagerOptions(max_to_keep=max(int(keep), 1), create=True,
-                                           enable_async_checkpointing=asynchronous)
+                                           enable_async_checkpointing=asynchronous,
+                                           cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "meta"))
 

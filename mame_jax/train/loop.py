@@ -11,6 +11,10 @@ and writes into ``workdir``:
   image in fixed mode) and ``tokens`` (mean tokens after each block).
   Evaluation lines (``eval_top1``, ``eval_images_per_s``, ...) every
   ``eval_steps`` and at the end;
+* ``tensorboard/``: the same scalars as TensorBoard event files, when
+  ``tensorboardX`` is installed (the ``tensorboard`` extra; nothing otherwise):
+  every number of a metrics line under its key, a list such as ``tokens`` as
+  ``tokens/<block>`` (:class:`TensorBoard`);
 * ``checkpoints/<step>/``: orbax checkpoints (:mod:`mame_jax.train.checkpoint`);
 * ``final.npz``: the trained weights as a big_vision ``.npz``
   (``mame_jax.load_model`` reads it; ``mame-jax eval --checkpoint`` evaluates it).
@@ -46,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 import sys
 import time
@@ -317,6 +322,45 @@ def evaluate_params(model, params, source, config) -> dict:
               eval_method=row["name"])
 
 
+class TensorBoard:
+  """``metrics.jsonl``'s scalars as TensorBoard events in ``workdir/tensorboard``
+  (``tensorboardX``'s ``SummaryWriter``: it writes the event files without
+  TensorFlow or PyTorch). :meth:`open` gives ``None`` when tensorboardX is not
+  installed: the loop then writes the JSON lines alone."""
+
+  def __init__(self, writer):
+    self.writer = writer
+
+  @classmethod
+  def open(cls, workdir, start: int):
+    try:
+      import tensorboardX  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      return None
+    logdir = os.path.join(workdir, "tensorboard")
+    # A resumed run logs again the steps after its checkpoint that the killed run
+    # had logged; purge_step makes TensorBoard drop those older events. One file
+    # per run (the pid and start step in its name: two runs in one second).
+    resumed = os.path.isdir(logdir) and bool(os.listdir(logdir))
+    return cls(tensorboardX.SummaryWriter(logdir, purge_step=start if resumed else None,
+                                          filename_suffix=f".{os.getpid()}.from{start}"))
+
+  def write(self, row: dict) -> None:
+    step = int(row["step"])
+    for key, value in row.items():
+      if key == "step":
+        continue
+      if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+          self.writer.add_scalar(f"{key}/{i}", float(v), step)
+      elif isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+        self.writer.add_scalar(key, float(value), step)  # strings (names, errors) left out
+    self.writer.flush()
+
+  def close(self) -> None:
+    self.writer.close()
+
+
 _STEPS: dict = {}
 
 
@@ -393,6 +437,7 @@ def train(config, workdir, *, log=print) -> Result:
     with open(metrics_path, "w") as f:
       f.writelines(kept)
   metrics_file = open(metrics_path, "a") if is_main else None
+  board = TensorBoard.open(workdir, start) if is_main else None
   rows = []
 
   def write(row):
@@ -400,6 +445,8 @@ def train(config, workdir, *, log=print) -> Result:
     if metrics_file is not None:
       metrics_file.write(json.dumps(row) + "\n")
       metrics_file.flush()
+    if board is not None:
+      board.write(row)
 
   def check_finite():
     bad = int(_local(state["bad_step"]))
@@ -466,6 +513,8 @@ def train(config, workdir, *, log=print) -> Result:
     ckpts.close()
     if metrics_file is not None:
       metrics_file.close()
+    if board is not None:
+      board.close()
   final = _host(state["params"])
   if not stopped and done == total and is_main:
     path = os.path.join(workdir, "final.npz")

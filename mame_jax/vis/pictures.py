@@ -4,7 +4,8 @@ Every patch of the image is painted with the mean colour of the patches that
 share its token (``mame_jax.vis.sources``: the token holding the largest share of
 the patch), with a thin line wherever two neighbouring patches belong to
 different tokens. One panel per merge layer, titled with the model's token
-count after that block; one row per image and method (MaMe, optionally ToMe).
+count after that block; one row per image and method (MaMe, optionally ToMe, EViT,
+DiffRate).
 
 Pictures are drawn with matplotlib's object API on an Agg canvas, so nothing
 here needs a display or changes the global matplotlib backend (notebooks keep
@@ -30,6 +31,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from mame_jax.eval import methods as methods_lib
 from mame_jax.eval.data import PHOTOS, load_image
 from mame_jax.models import load
 from mame_jax.models.merging import DEFAULT_TAU, MergeConfig, ToMeConfig, default_layers
@@ -214,9 +216,16 @@ def matched_tome_r(maps, layers: Sequence[int], num_special: int = 1) -> int:
 
 
 def draw(model, params, images, *, tau: float = DEFAULT_TAU, layers: Sequence[int] = range(8),
-         tome_r=None, out_path=None, panel: int = 160, names=None):
+         tome_r=None, out_path=None, panel: int = 160, names=None, extra: Sequence = ()):
   """Runs MaMe (and ToMe when ``tome_r`` is an int, or ``"match"`` for
   :func:`matched_tome_r`) in ``layers`` and draws :func:`cluster_figure`.
+
+  ``extra``: more merge configs, one row each after those, in their own blocks
+  (panels still at ``layers``), labelled as ``mame-jax eval`` names them --
+  e.g. ``EViTConfig`` (its kept tokens, and the fused token as one group: every
+  inattentive patch has the fused token's index, the last one) or
+  ``DiffRateConfig`` (pruned patches belong to no token: ``hard = -1``, painted
+  black like dropped ones; merged ones form groups as ToMe's do).
 
   Returns ``(figure, counts)``: ``counts[label]`` is ``aux["tokens_per_block"]``
   (B, depth) of that row.
@@ -234,6 +243,13 @@ def draw(model, params, images, *, tau: float = DEFAULT_TAU, layers: Sequence[in
     label = f"ToMe r={r}"
     rows.append((label, tmaps))
     counts[label] = np.asarray(taux["tokens_per_block"])
+  for cfg in extra:
+    if hasattr(cfg, "check_depth"):  # EViT / DiffRate: a clear error before tracing
+      cfg.check_depth(model.depth)
+    emaps, eaux = merge_maps(model, params, images, cfg)
+    label = methods_lib.describe_merge(cfg).name
+    rows.append((label, emaps))
+    counts[label] = np.asarray(eaux["tokens_per_block"])
   fig = cluster_figure(images, rows, layers, out_path=out_path, panel=panel, names=names)
   return fig, counts
 
@@ -374,3 +390,89 @@ def image_grid(images, columns: int, pad: int = 1) -> np.ndarray:
     r, k = divmod(i, columns)
     out[r * (h + pad):r * (h + pad) + h, k * (w + pad):k * (w + pad) + w] = im
   return out[..., 0] if c == 1 else out
+
+
+# ----------------------------------------------------------------------------
+# Vision tokens for a language model: kept patches plain, merged groups tinted
+
+
+def vision_token_image(image, hard, grid, *, size: Optional[int] = None, tint: float = 0.45,
+                       line=(1.0, 1.0, 1.0)) -> np.ndarray:
+  """Where the vision tokens were kept and where merged, on the photograph.
+
+  A token holding exactly one patch (by ``hard``) was kept: its patch shows the
+  photograph as it is. The patches of a token holding several were merged: they
+  are painted with the group's mean colour (what :func:`cluster_image` paints,
+  the low-pass average the token carries) tinted ``tint`` towards a colour of its
+  own, and outlined. Dropped patches (``hard`` -1) are black.
+
+  Args:
+    image: (H, W, 3) in [-1, 1], the image the model saw.
+    hard: (P,) int, the token holding each patch (``SourceMap.hard[b]``, e.g. of
+      ``mame_jax.vision_tokens.token_sources``).
+    grid: ``(h, w)`` patches, ``P = h * w``, row-major.
+    size: height of the picture in pixels (default: the image's).
+    tint: how far merged groups move towards their own colour, in [0, 1].
+    line: RGB in [0, 1] of the outlines around merged groups.
+
+  Returns:
+    (size, round(size * W / H), 3) float32 RGB in [0, 1]; with no token merged
+    (every token one patch) it is the photograph, resampled.
+  """
+  from matplotlib import colormaps  # pylint: disable=import-outside-toplevel
+  means = cluster_image(image, hard, grid, size=size, line=line)
+  out_h, out_w = means.shape[:2]
+  image = (np.asarray(image, np.float32) + 1) / 2
+  # The photograph at the picture's size, nearest neighbour like cluster_image.
+  photo = image[np.arange(out_h) * image.shape[0] // out_h]
+  photo = photo[:, np.arange(out_w) * image.shape[1] // out_w]
+  hard = np.asarray(hard).reshape(-1)
+  gh, gw = grid
+  counts = np.bincount(hard[hard >= 0], minlength=1)
+  merged = (hard >= 0) & (counts[np.maximum(hard, 0)] > 1)          # (P,)
+  rows, cols = np.arange(out_h) * gh // out_h, np.arange(out_w) * gw // out_w
+  ids = hard.reshape(gh, gw)[rows][:, cols]                          # token of each pixel
+  in_merged = merged.reshape(gh, gw)[rows][:, cols]
+  hue = np.asarray(colormaps["tab20"](np.maximum(ids, 0) % 20))[..., :3]
+  picture = np.where(in_merged[..., None], (1 - tint) * means + tint * hue, photo)
+  picture[ids < 0] = 0.0
+  # Outlines only where a merged group meets another token: kept patches stay plain.
+  edge = np.zeros(ids.shape, bool)
+  edge[:, :-1] |= (ids[:, :-1] != ids[:, 1:]) & (in_merged[:, :-1] | in_merged[:, 1:])
+  edge[:-1, :] |= (ids[:-1, :] != ids[1:, :]) & (in_merged[:-1, :] | in_merged[1:, :])
+  picture[edge] = line
+  return np.clip(picture, 0, 1).astype(np.float32)
+
+
+def vision_token_title(smap, b: int, label: Optional[str] = None) -> str:
+  """``"MaMe tau=0.8: 576 -> 231 tokens"``: image ``b``'s patches and the tokens
+  the language model reads (``smap.num_tokens`` less the special ones)."""
+  tokens = int(smap.num_tokens[b]) - smap.num_special
+  text = f"{smap.hard.shape[-1]} -> {tokens} tokens"
+  return text if label is None else f"{label}: {text}"
+
+
+def vision_token_figure(images, rows: Sequence[tuple], *, names: Optional[Sequence[str]] = None,
+                        out_path=None, panel: int = 224) -> Figure:
+  """One line per image: the photograph, then one :func:`vision_token_image` per
+  entry of ``rows`` (``(label, smap)`` pairs, ``smap`` a
+  :class:`~mame_jax.vis.sources.SourceMap` of the batch, e.g. from
+  ``mame_jax.vision_tokens.token_sources``), titled with the token count
+  (:func:`vision_token_title`). ``(1 + len(rows)) * panel`` wide and ``len(images) *
+  (panel + TITLE_PX)`` high (:func:`figure_size`); written as PNG to ``out_path``
+  when given."""
+  images = np.asarray(images)
+  width, height = figure_size(len(images), len(rows), panel)
+  fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+  FigureCanvasAgg(fig)
+  for b, image in enumerate(images):
+    top = b * (panel + TITLE_PX) + TITLE_PX
+    _panel(fig, (image + 1) / 2, 0, top, panel, width, height,
+           "image" if names is None else str(names[b]))
+    for c, (label, smap) in enumerate(rows, start=1):
+      grid = smap.grid or sources.grid_shape(smap.hard.shape[-1])
+      pic = vision_token_image(image, np.asarray(smap.hard[b]), grid, size=panel)
+      _panel(fig, pic, c * panel, top, panel, width, height, vision_token_title(smap, b, label))
+  if out_path is not None:
+    fig.savefig(out_path, dpi=DPI)
+  return fig
