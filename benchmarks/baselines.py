@@ -114,7 +114,11 @@ def section(path: str = DEFAULT_JSON) -> list[str]:
       timing.format_table(res["rows"], COLUMNS), "",
       "Random weights (no checkpoint here): the table compares what each method costs",
       "and how much of its FLOP cut becomes speed, not accuracy. ToMe's `r` and EViT's",
-      "keep rate are matched to MaMe's measured GFLOPs by an analytic cost model;",
+      "keep rate are matched to the analytic GFLOPs of the tokens MaMe kept, its merges",
+      "included (`mame_jax.eval.matching`, as `mame-jax eval --match-gflops-of-tau`",
+      "does): the paper's convention of counting real tokens. The `gflops_per_image`",
+      "column is XLA's count of each compiled program, so MaMe's is higher than its",
+      "match by the padding of its capacity buckets, a real cost of its static shapes.",
       "DiffRate runs its published schedule at the paper's Table 1 GFLOPs, which is not",
       "re-matched. CPU figures: on a GPU the ranking of the cheap methods may differ.",
   ] + _verdicts(res["rows"])

@@ -328,6 +328,13 @@ def section(path=RESULTS) -> list:
     at = f"{_where(m)} {m['method']}"
     if m["measured_speedup"] < 1:
       misses.append(f"- {at}: slower than the baseline ({m['measured_speedup']:.2f}x)")
+    if m["tokens_out"] >= m["patches"]:
+      misses.append(f"- {at}: merged nothing ({m['tokens_out']:.0f} tokens out of "
+                    f"{m['patches']} patches). MaMe's preservation mask is batch-wide "
+                    "(docs/design.md, §1): a source is kept when any image of the batch "
+                    f"keeps it, and across {m['batch']} different photographs some image "
+                    "keeps every one of this random tower's tokens (a trained tower's are "
+                    "far more alike: not a checkpoint's figure)")
     tome = next((t for mm, t in pairs if mm is m), None)
     if tome is not None and m["ms_per_batch"] > tome["ms_per_batch"]:
       misses.append(f"- {at}: {m['ms_per_batch']:.1f} ms, slower than its GFLOPs-matched "

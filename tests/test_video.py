@@ -279,3 +279,26 @@ def test_mame_jax_visualize_draws_a_video_as_strips_and_refuses_a_mismatch(
                              "--out", str(tmp_path / "z.png")]) == 2
   assert "PyAV cannot decode it" in capsys.readouterr().err
   assert not any((tmp_path / n).exists() for n in ("x.png", "y.png", "z.png"))
+
+
+def test_the_throughput_section_times_each_tome_r_once_and_says_when_mame_merged_nothing(
+    tmp_path):
+  from benchmarks import video_throughput  # pylint: disable=import-outside-toplevel
+  committed = json.loads(open(video_throughput.JSON).read())
+  seen = [(r["batch"], r["method"]) for r in committed["rows"]]
+  assert len(seen) == len(set(seen))  # one row per distinct ToMe r
+  assert all(isinstance(r["matches_tau"], list) for r in committed["rows"] if "r" in r)
+
+  def row(batch, method, left, **kw):
+    return dict(model="VideoMAE-S-sized", batch=batch, method=method, tokens=1568,
+                tokens_per_layer=[1568.0, left], videos_per_s=1.0, gflops_per_video=100.0,
+                measured_speedup=1.0, ideal_speedup=1.0, measured_over_ideal=1.0, **kw)
+  run = dict(command="python -m benchmarks.video_throughput", device="cpu", date="2026-12-01",
+             dtype="float32", rows=[row(1, "mame 0.9", 900.0, tau=0.9),
+                                    row(8, "mame 0.9", 1560.0, tau=0.9),
+                                    row(8, "tome 0", 1568.0, r=0, matches_tau=[0.9])])
+  path = tmp_path / "video.json"
+  path.write_text(json.dumps(run))
+  text = "\n".join(video_throughput.section(str(path)))
+  assert "batch 8 mame 0.9: merged almost nothing (1560 of 1568 tokens left)" in text
+  assert "batch 1 mame 0.9: merged" not in text and "No GPU figures yet" in text

@@ -149,52 +149,49 @@ def read_video(path, model) -> np.ndarray:
   return sampling.preprocess(frames)
 
 
-def _run_video(config) -> int:
-  """``visualize --video FILE``: one video of a VideoMAE checkpoint, MaMe's
-  strip of each block above ToMe's (``pictures.draw_video``)."""
-  path, out = config.visualize.video, config.visualize.out
-  try:
-    tome_r = _tome_r(config.merge.tome_r)
-    model, params, note = _load(config)
-    _check_kind(model, config, video=True)
-    print(note)
-    layers = (default_layers(model.depth) if config.merge.layers is None
-              else parse_layers(config.merge.layers))
-    clip = read_video(path, model)
-    _, counts = pictures.draw_video(model, params, clip, tau=config.merge.tau, layers=layers,
-                                    tome_r=tome_r, out_path=out, panel=config.visualize.panel)
-  except (ValueError, OSError) as e:
-    print(f"mame-jax visualize: error: {e}", file=sys.stderr)
-    return 2
-  pictures.print_counts(counts, [pathlib.Path(path).stem], layers)
-  print(f"wrote {out}")
-  return 0
+def _draw_video(config, model, params, layers, tome_r):
+  """``--video FILE``: MaMe's strip of each block above ToMe's
+  (``pictures.draw_video``); ``(counts, names)``."""
+  path = config.visualize.video
+  clip = read_video(path, model)
+  _, counts = pictures.draw_video(model, params, clip, tau=config.merge.tau, layers=layers,
+                                  tome_r=tome_r, out_path=config.visualize.out,
+                                  panel=config.visualize.panel)
+  return counts, [pathlib.Path(path).stem]
+
+
+def _draw_images(config, model, params, layers, tome_r):
+  """Images: one row per method (``pictures.draw``, EViT / DiffRate rows from
+  ``merge.evit`` / ``merge.diffrate``); ``(counts, names)``."""
+  images = list(config.visualize.images)
+  size = image_size_of(model, params)
+  batch = np.stack([load_image(name, size) for name in images])
+  names = [pathlib.Path(n).stem for n in images]
+  _, counts = pictures.draw(model, params, batch, tau=config.merge.tau, layers=layers,
+                            tome_r=tome_r, out_path=config.visualize.out,
+                            panel=config.visualize.panel, names=names,
+                            extra=_baselines(config.merge))
+  return counts, names
 
 
 def run(config) -> int:
   """Runs ``visualize`` for a resolved config; 0 on success, 2 (with a message
   on stderr) for a bad image, video, checkpoint or layer."""
-  if config.visualize.video:
-    return _run_video(config)
-  images, out = list(config.visualize.images), config.visualize.out
+  video = bool(config.visualize.video)
   try:
     tome_r = _tome_r(config.merge.tome_r)
     model, params, note = _load(config)
-    _check_kind(model, config, video=False)
+    _check_kind(model, config, video=video)
     print(note)
     layers = (default_layers(model.depth) if config.merge.layers is None
               else parse_layers(config.merge.layers))
-    size = image_size_of(model, params)
-    batch = np.stack([load_image(name, size) for name in images])
-    names = [pathlib.Path(n).stem for n in images]
-    _, counts = pictures.draw(model, params, batch, tau=config.merge.tau, layers=layers,
-                              tome_r=tome_r, out_path=out, panel=config.visualize.panel,
-                              names=names, extra=_baselines(config.merge))
+    counts, names = (_draw_video if video else _draw_images)(config, model, params, layers,
+                                                             tome_r)
   except (ValueError, OSError) as e:
     print(f"mame-jax visualize: error: {e}", file=sys.stderr)
     return 2
   pictures.print_counts(counts, names, layers)
-  print(f"wrote {out}")
+  print(f"wrote {config.visualize.out}")
   return 0
 
 
