@@ -29,7 +29,6 @@ minutes on a shared CPU, so ``--quick`` runs a ViT-S-sized VideoMAE (width 384,
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 
@@ -38,7 +37,7 @@ import numpy as np
 
 import mame_jax as mj
 from benchmarks.siglip_throughput import tome_r_per_tau
-from benchmarks.vit_throughput import measure_all
+from benchmarks.vit_throughput import batch_wide_note, measure_all, open_section
 from mame_jax.eval import timing
 from mame_jax.eval.data import PHOTOS, load_image
 from mame_jax.eval.report import write_json
@@ -151,14 +150,11 @@ def main(argv=None):
 
 def section(path: str = JSON) -> list[str]:
   """The BENCHMARKS.md section, rendered from the committed JSON."""
-  lines = ["## VideoMAE throughput (Table 6 setting: 16 x 224^2, 1568 tokens)", ""]
-  if not os.path.exists(path):
-    return lines + [f"No results yet: run `python -m benchmarks.video_throughput --quick` "
-                    f"(writes `{path}`).", ""]
-  import json  # pylint: disable=import-outside-toplevel
-  with open(path) as f:
-    res = json.load(f)
-  lines += [f"`{res['command']}` on {res['device']}, {res['date']}, {res['dtype']}.", ""]
+  lines, res = open_section("VideoMAE throughput (Table 6 setting: 16 x 224^2, 1568 tokens)",
+                            path, "video_throughput")
+  if res is None:
+    return lines + [""]
+  lines.append("")
   models = sorted({r["model"] for r in res["rows"]})
   if all("B-sized" not in m for m in models):
     lines += ["Only a ViT-S-sized VideoMAE (width 384) was run: VideoMAE-B at 1568 tokens "
@@ -172,14 +168,13 @@ def section(path: str = JSON) -> list[str]:
                  f"{r['ideal_speedup']:.2f}x | {r['measured_over_ideal']:.2f} |")
   lines.append("")
   for r in res["rows"]:
-    if r["method"].startswith("mame") and r["tokens_per_layer"][-1] > 0.9 * r["tokens"]:
+    if (r["method"].startswith("mame") and r["batch"] > 1
+        and r["tokens_per_layer"][-1] > 0.9 * r["tokens"]):
       lines.append(f"- {r['model']} batch {r['batch']} {r['method']}: merged almost nothing "
-                   f"({r['tokens_per_layer'][-1]:.0f} of {r['tokens']} tokens left). MaMe's "
-                   "preservation mask is batch-wide (docs/design.md, §1): a token stays "
-                   f"when any of the {r['batch']} clips keeps it, and with random weights "
-                   "some clip keeps nearly every token (a trained encoder's are far more "
-                   "alike). Its speedup there, like ToMe's at r=0, is not from merging (both "
-                   "do about the baseline's work): it is this CPU's variation between rows.")
+                   f"({r['tokens_per_layer'][-1]:.0f} of {r['tokens']} tokens left). "
+                   f"{batch_wide_note(r['batch'], 'clips')}. Its speedup there, like ToMe's "
+                   "at r=0, is not from merging (both do about the baseline's work): it is "
+                   "this CPU's variation between rows.")
   if any(r["batch"] > 1 and r["method"].startswith("mame") for r in res["rows"]):
     lines.append("")
   if "gpu" not in res["device"].lower() and "cuda" not in res["device"].lower():

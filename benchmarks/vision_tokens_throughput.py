@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import pathlib
 import shlex
 import sys
@@ -75,7 +74,7 @@ import numpy as np
 
 import mame_jax as mj
 from benchmarks.siglip_throughput import display, tome_r_per_tau
-from benchmarks.vit_throughput import photo_batch
+from benchmarks.vit_throughput import batch_wide_note, open_section, photo_batch
 from mame_jax.eval import timing
 from mame_jax.eval.data import PHOTOS
 from mame_jax.eval.report import write_json
@@ -285,15 +284,12 @@ def section(path=RESULTS) -> list:
   """The BENCHMARKS.md section from ``path`` (a run of this script): command, device
   and date beside the table, what the rows are, then what was not measured or
   fell short, said plainly."""
-  path = pathlib.Path(path)
-  out = ["", "## Vision tokens for a language model: CLIP ViT-L/14 and SigLIP So400m/14", ""]
-  if not path.exists():
-    return out + [f"- Not measured yet: no `{path}` (run `python -m "
-                  "benchmarks.vision_tokens_throughput --quick`)."]
-  run = json.loads(path.read_text())
+  out, run = open_section("Vision tokens for a language model: CLIP ViT-L/14 and SigLIP "
+                          "So400m/14", path, "vision_tokens_throughput")
+  if run is None:
+    return out
   rows = run["rows"]
-  out += [f"`{run['command']}` -- {run['device']}, {run['dtype']}, {run['date']} (`{path}`).",
-          "",
+  out += ["",
           "The encoder a LLaVA- or PaliGemma-style model runs before its language model:",
           "`mame_jax.vision_tokens` jitted (tokens, sizes and mask out; the blocks after",
           "the layer read, the pooling and the head not run). CLIP ViT-L/14: the",
@@ -328,13 +324,9 @@ def section(path=RESULTS) -> list:
     at = f"{_where(m)} {m['method']}"
     if m["measured_speedup"] < 1:
       misses.append(f"- {at}: slower than the baseline ({m['measured_speedup']:.2f}x)")
-    if m["tokens_out"] >= m["patches"]:
+    if m["batch"] > 1 and m["tokens_out"] >= m["patches"]:
       misses.append(f"- {at}: merged nothing ({m['tokens_out']:.0f} tokens out of "
-                    f"{m['patches']} patches). MaMe's preservation mask is batch-wide "
-                    "(docs/design.md, §1): a source is kept when any image of the batch "
-                    f"keeps it, and across {m['batch']} different photographs some image "
-                    "keeps every one of this random tower's tokens (a trained tower's are "
-                    "far more alike: not a checkpoint's figure)")
+                    f"{m['patches']} patches). {batch_wide_note(m['batch'], 'photographs')}")
     tome = next((t for mm, t in pairs if mm is m), None)
     if tome is not None and m["ms_per_batch"] > tome["ms_per_batch"]:
       misses.append(f"- {at}: {m['ms_per_batch']:.1f} ms, slower than its GFLOPs-matched "

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import pathlib
 import shlex
 import sys
 
@@ -61,6 +63,31 @@ def photo_batch(batch: int, size: int = 224, count: int = 6) -> jax.Array:
   photographs (``PHOTOS``), tiled to the batch, so that merges see real images."""
   photos = np.stack([load_image(n, size) for n in PHOTOS[:count]])
   return jnp.asarray(np.resize(photos, (batch,) + photos.shape[1:]))
+
+
+def open_section(title: str, path, script: str):
+  """``(lines, run)``: the opening of a benchmark's BENCHMARKS.md section -- its
+  title, then the command, device, dtype and date of the run saved at ``path``
+  (``run``, the JSON) -- or, with no file there, a line saying how to make it
+  (``python -m benchmarks.<script> --quick``) and ``run = None``."""
+  path = pathlib.Path(path)
+  out = ["", f"## {title}", ""]
+  if not path.exists():
+    return out + [f"- Not measured yet: no `{path}` (run `python -m benchmarks.{script} "
+                  "--quick`)."], None
+  run = json.loads(path.read_text())
+  device = run["device"]
+  desc = device["description"] if isinstance(device, dict) else str(device)
+  return out + [f"`{run['command']}` -- {desc}, {run['dtype']}, {run['date']} (`{path}`)."], run
+
+
+def batch_wide_note(batch: int, inputs: str = "images") -> str:
+  """Why a MaMe row of a random-weight benchmark at ``batch`` merged (almost)
+  nothing: the sentence every benchmark section gives after its token counts."""
+  return ("MaMe's preservation mask is batch-wide (docs/design.md, §1): a token stays "
+          f"when any of the batch's {batch} {inputs} keeps it, and with random weights "
+          f"some of them keep nearly every token (a trained encoder's tokens are far more "
+          "alike: not a checkpoint's figure)")
 
 
 def measure_all(methods, params, images, runs, warmup=2):

@@ -40,7 +40,7 @@ def run_json(batches):
                  ideal_speedup=200.0 / row["gflops_per_image"])
       rows.append(row)
   return dict(device={"platform": "cpu", "description": "cpu x1 (2 cores)"},
-              date="2026-12-01", dtype="float32", batches=batches,
+              date="2026-12-01", dtype="float32", batches=batches, runs=2,
               command="python -m benchmarks.siglip_throughput --quick", rows=rows)
 
 
@@ -57,6 +57,39 @@ def test_section_renders_the_run_and_says_what_is_missing(tmp_path):
   assert "mame(0.95): 2.70" not in text  # faster than the ToMe row it shares
   assert text.count("| tome(r=20) ") == 1 and "| 0.9, 0.95 " in text
   assert "not measured yet" in "\n".join(bench.section(tmp_path / "none.json")).lower()
+
+
+def test_section_says_when_mame_merged_almost_nothing_at_a_batch(tmp_path):
+  run = run_json([1, 32])
+  for row in run["rows"]:
+    if row["method"].startswith("mame"):
+      row["tokens_per_layer"] = [1024.0, 1000.0 if row["tau"] == 0.9 else 500.0]
+  path = tmp_path / "siglip_throughput.json"
+  path.write_text(json.dumps(run))
+  text = "\n".join(bench.section(path))
+  assert ("batch 32 mame(0.9): merged almost nothing (1000 of 1024 tokens left). "
+          "MaMe's preservation mask is batch-wide") in text
+  assert "any of the batch's 32 images keeps it" in text
+  assert "batch 1 mame(0.9): merged" not in text  # no batch to blame at batch 1
+  assert "mame(0.95): merged" not in text and "not measured in this run" not in text
+  assert "baseline's work" not in text  # no row does the baseline's work here
+
+
+def test_section_says_when_rows_doing_the_baselines_work_differ_from_it(tmp_path):
+  run = run_json([32])
+  tome0 = dict(batch=32, method="tome(r=0)", r=0, matches_tau=[], images_per_s=2.3,
+               gflops_per_image=200.0, tokens_per_layer=[1024.0], measured_speedup=1.15,
+               ideal_speedup=1.0)
+  run["rows"].append(tome0)
+  path = tmp_path / "siglip_throughput.json"
+  path.write_text(json.dumps(run))
+  text = "\n".join(bench.section(path))
+  assert ("batch 32 tome(r=0): does about the baseline's work (ideal 1.00x) yet measured "
+          "1.15x: at this batch the measured speedups carry about 15% of this machine's "
+          "drift between rows (2 runs each)") in text
+  tome0["measured_speedup"] = 1.02
+  path.write_text(json.dumps(run))
+  assert "baseline's work" not in "\n".join(bench.section(path))
 
 
 def test_taus_matching_one_r_share_one_tome_row():
