@@ -86,7 +86,7 @@ def batch_wide_note(batch: int, inputs: str = "images") -> str:
   nothing: the sentence every benchmark section gives after its token counts."""
   return ("MaMe's preservation mask is batch-wide (docs/design.md, §1): a token stays "
           f"when any of the batch's {batch} {inputs} keeps it, and with random weights "
-          f"some of them keep nearly every token (a trained encoder's tokens are far more "
+          "some of them keep nearly every token (a trained encoder's tokens are far more "
           "alike: not a checkpoint's figure)")
 
 
