@@ -324,7 +324,7 @@ def section(path=RESULTS) -> list:
     at = f"{_where(m)} {m['method']}"
     if m["measured_speedup"] < 1:
       misses.append(f"- {at}: slower than the baseline ({m['measured_speedup']:.2f}x)")
-    if m["batch"] > 1 and m["tokens_out"] >= m["patches"]:
+    if m["tokens_out"] >= m["patches"]:
       misses.append(f"- {at}: merged nothing ({m['tokens_out']:.0f} tokens out of "
                     f"{m['patches']} patches). {batch_wide_note(m['batch'], 'photographs')}")
     tome = next((t for mm, t in pairs if mm is m), None)

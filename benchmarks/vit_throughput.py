@@ -82,8 +82,12 @@ def open_section(title: str, path, script: str):
 
 
 def batch_wide_note(batch: int, inputs: str = "images") -> str:
-  """Why a MaMe row of a random-weight benchmark at ``batch`` merged (almost)
-  nothing: the sentence every benchmark section gives after its token counts."""
+  """Why a MaMe row of a random-weight benchmark merged (almost) nothing: at
+  ``batch`` > 1 the batch-wide preservation mask, at batch 1 the image alone (its
+  mask is its own). The sentence each benchmark section gives after the counts."""
+  if batch == 1:
+    return (f"At batch 1 no other of the {inputs} can keep a token: at this tau this random "
+            "encoder's tokens are too unlike each other to merge")
   return ("MaMe's preservation mask is batch-wide (docs/design.md, §1): a token stays "
           f"when any of the batch's {batch} {inputs} keeps it, and with random weights "
           "some of them keep nearly every token (a trained encoder's tokens are far more "
