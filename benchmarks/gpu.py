@@ -183,7 +183,7 @@ def bench(key, batch, args) -> list[dict]:
   images = photos(batch, size).astype(dtype)
   params = mj.models.load.random_params(model, size, seed=0)
   params = vit.cast_params(params, dtype)
-  ns = 1 if model.has_class_token else 0
+  ns = model.num_special
   length = (size // 16) ** 2 + ns
   print(f"{name}, batch {batch}, {dtype}", flush=True)
 

@@ -189,7 +189,7 @@ def bench_encoder(enc: Encoder, batch: int, *, taus=TAUS, runs: int = 3, warmup:
   model, params = model_params or build(enc, dtype)
   images = photo_batch(batch, enc.image_size, count=len(PHOTOS))
   k = block_index(enc.layer, model.depth)
-  ns = 1 if model.has_class_token else 0
+  ns = model.num_special
   methods = [("baseline", tokens_program(model, enc), {})]
   layers = tuple(range(min(enc.merge_layers, k + 1)))
   for tau in taus:

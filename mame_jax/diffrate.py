@@ -76,7 +76,8 @@ def _check(x, cls_attn, size):
 
 
 def diffrate(x: jax.Array, cls_attn: jax.Array, size: jax.Array | None, prune: int,
-             merge: int) -> tuple[jax.Array, jax.Array, DiffRateRecord | None]:
+             merge: int, *, num_special: int = 1
+             ) -> tuple[jax.Array, jax.Array, DiffRateRecord | None]:
   """One DiffRate step (see the module docstring).
 
   Args:
@@ -85,6 +86,9 @@ def diffrate(x: jax.Array, cls_attn: jax.Array, size: jax.Array | None, prune: i
     size: ``(B, L)`` token sizes (``None``: all ones).
     prune, merge: the block's counts, class token included (static ints,
       ``1 <= merge <= prune``). Counts above ``L`` mean "no change" for that step.
+    num_special: the leading tokens never sorted, pruned or merged into: the class
+      token, then any registers (DINOv2-reg). The counts include them, so
+      ``merge >= num_special``.
 
   Returns:
     ``(y (B, m, D), size (B, m), record)`` with ``m = min(L, prune, merge)``;
@@ -92,19 +96,21 @@ def diffrate(x: jax.Array, cls_attn: jax.Array, size: jax.Array | None, prune: i
   """
   _check(x, cls_attn, size)
   b, length, _ = x.shape
-  if not 1 <= int(merge) <= int(prune):
-    raise ValueError(f"DiffRate counts need 1 <= merge <= prune; got prune={prune}, "
-                     f"merge={merge}")
+  ns = int(num_special)
+  if not max(1, ns) <= int(merge) <= int(prune):
+    raise ValueError(f"DiffRate counts need {max(1, ns)} <= merge <= prune (the special "
+                     f"tokens stay); got prune={prune}, merge={merge}")
   p = min(length, int(prune))
   m = min(p, int(merge))
   if size is None:
     size = jnp.ones((b, length), jnp.float32)
   if m == length:
     return x, size, None
-  # 1. Sort by the class token's attention (class token stays first).
-  rank = jnp.argsort(-jax.lax.stop_gradient(cls_attn[:, 1:]).astype(jnp.float32),
-                     axis=1, stable=True) + 1
-  order = jnp.concatenate([jnp.zeros((b, 1), rank.dtype), rank], axis=1).astype(jnp.int32)
+  # 1. Sort by the class token's attention (the special tokens stay first).
+  rank = jnp.argsort(-jax.lax.stop_gradient(cls_attn[:, ns:]).astype(jnp.float32),
+                     axis=1, stable=True) + ns
+  order = jnp.concatenate([jnp.broadcast_to(jnp.arange(ns, dtype=rank.dtype), (b, ns)),
+                           rank], axis=1).astype(jnp.int32)
   xs = jnp.take_along_axis(x, order[..., None], axis=1)
   ss = jnp.take_along_axis(size, order, axis=1)
   # 2. Prune.
@@ -117,7 +123,7 @@ def diffrate(x: jax.Array, cls_attn: jax.Array, size: jax.Array | None, prune: i
     norm = jnp.linalg.norm(metric, axis=-1, keepdims=True)
     metric = metric / jnp.where(norm > 0, norm, 1)
     sim = jnp.einsum("bsd,btd->bst", metric[:, m:], metric[:, :m], precision=_HIGHEST)
-    sim = sim.at[:, :, 0].set(-jnp.inf)   # never into the class token
+    sim = sim.at[:, :, :ns].set(-jnp.inf)   # never into the class token or a register
     best = jnp.argmax(sim, axis=-1)        # (B, p - m), the first best on ties
     best_sim = jnp.max(sim, axis=-1)
     onehot = jax.nn.one_hot(best, m, dtype=jnp.float32)            # (B, p - m, m)

@@ -45,13 +45,14 @@ class EViTRecord:
 
   Attributes:
     keep_idx: ``(B, k)`` int32, input positions of the kept patch tokens in their
-      output order (decreasing class attention); output slot ``1 + i`` holds
-      input token ``keep_idx[:, i]``.
+      output order (decreasing class attention); output slot ``s + i`` holds
+      input token ``keep_idx[:, i]`` (``s`` special tokens: the class token and
+      any registers, which stay first and unchanged).
     source: ``(B, L)`` int32, for every input token the output token it ends up
-      in: 0 for the class token, ``1 + i`` for kept tokens, ``k + 1`` for fused
-      ones (``-1`` when they are discarded, ``fuse=False``).
+      in: its own slot for a special token, ``s + i`` for kept tokens, ``s + k``
+      for fused ones (``-1`` when they are discarded, ``fuse=False``).
     weight: ``(B, L)`` float32, the weight each input token has in its output
-      token: 1 for the class and kept tokens, ``a_j`` for fused ones, 0 for
+      token: 1 for the special and kept tokens, ``a_j`` for fused ones, 0 for
       discarded ones.
     num_out: the output length (static).
   """
@@ -74,60 +75,68 @@ def keep_count(num_tokens: int, keep_rate: float) -> int:
   return min(int(num_tokens), math.ceil(keep_rate * int(num_tokens)))
 
 
-def _check(x, cls_attn):
+def _check(x, cls_attn, num_special=1):
   if x.ndim != 3:
     raise ValueError(f"x must be (B, L, D); got shape {x.shape}")
-  if x.shape[1] < 2:
-    raise ValueError(f"EViT needs a class token and at least one patch token; got L={x.shape[1]}")
+  if num_special < 1:
+    raise ValueError(f"EViT needs a class token first: num_special >= 1; got {num_special}")
+  if x.shape[1] < num_special + 1:
+    raise ValueError(f"EViT needs the {num_special} special token(s) and at least one patch "
+                     f"token; got L={x.shape[1]}")
   if cls_attn.shape != x.shape[:2]:
     raise ValueError(f"cls_attn must be (B, L) = {x.shape[:2]} (the class token's "
                      f"attention row over all tokens); got {cls_attn.shape}")
 
 
-def evit(x: jax.Array, cls_attn: jax.Array, keep: int, *, fuse: bool = True
-         ) -> tuple[jax.Array, EViTRecord | None]:
+def evit(x: jax.Array, cls_attn: jax.Array, keep: int, *, fuse: bool = True,
+         num_special: int = 1) -> tuple[jax.Array, EViTRecord | None]:
   """One EViT step.
 
   Args:
     x: ``(B, L, D)``, class token first.
     cls_attn: ``(B, L)``, the class token's attention row averaged over heads
-      (position 0 is its attention to itself and is not used).
-    keep: patch tokens kept (static), ``1 <= keep <= L - 1``; see :func:`keep_count`.
+      (its attention to the special tokens is not used).
+    keep: patch tokens kept (static), ``1 <= keep <= L - num_special``; see
+      :func:`keep_count`.
     fuse: fuse the others into one token (EViT's ``--fuse_token``), else drop them.
+    num_special: the leading tokens that are never ranked, dropped or fused: the
+      class token, then any registers (DINOv2-reg), kept first and unchanged.
 
   Returns:
-    ``(y (B, 1 + keep + fuse, D), record)``; ``(x, None)`` unchanged when
-    ``keep == L - 1``.
+    ``(y (B, num_special + keep + fuse, D), record)``; ``(x, None)`` unchanged when
+    ``keep == L - num_special``.
   """
-  _check(x, cls_attn)
-  n = x.shape[1] - 1
+  _check(x, cls_attn, num_special)
+  ns = int(num_special)
+  n = x.shape[1] - ns
   keep = int(keep)
   if not 1 <= keep <= n:
     raise ValueError(f"keep must be in [1, {n}] for {n} patch tokens; got {keep}")
   if keep == n:
     return x, None
-  a = cls_attn[:, 1:].astype(jnp.float32)                       # (B, n)
+  a = cls_attn[:, ns:].astype(jnp.float32)                      # (B, n)
   _, top = jax.lax.top_k(jax.lax.stop_gradient(a), keep)        # (B, k), largest first
-  patches = x[:, 1:]
+  patches = x[:, ns:]
   kept = jnp.take_along_axis(patches, top[..., None], axis=1)   # (B, k, D)
   is_kept = jnp.zeros(a.shape, bool).at[jnp.arange(a.shape[0])[:, None], top].set(True)
   slot = jnp.zeros(a.shape, jnp.int32).at[jnp.arange(a.shape[0])[:, None], top].set(
-      jnp.arange(1, keep + 1, dtype=jnp.int32))
-  parts = [x[:, :1], kept]
+      jnp.arange(ns, ns + keep, dtype=jnp.int32))
+  parts = [x[:, :ns], kept]
   if fuse:
     w = jnp.where(is_kept, 0.0, a)
     fused = jnp.einsum("bn,bnd->bd", w, patches.astype(jnp.float32),
                        precision=jax.lax.Precision.HIGHEST)
     parts.append(fused[:, None].astype(x.dtype))
-    rest, rest_w = keep + 1, a
+    rest, rest_w = ns + keep, a
   else:
     rest, rest_w = -1, jnp.zeros_like(a)
   source = jnp.where(is_kept, slot, rest)
   weight = jnp.where(is_kept, 1.0, rest_w)
   b = x.shape[0]
   record = EViTRecord(
-      keep_idx=top.astype(jnp.int32) + 1,
-      source=jnp.concatenate([jnp.zeros((b, 1), jnp.int32), source], axis=1),
-      weight=jnp.concatenate([jnp.ones((b, 1), jnp.float32), weight], axis=1),
-      num_out=1 + keep + int(fuse))
+      keep_idx=top.astype(jnp.int32) + ns,
+      source=jnp.concatenate([jnp.broadcast_to(jnp.arange(ns, dtype=jnp.int32), (b, ns)),
+                              source], axis=1),
+      weight=jnp.concatenate([jnp.ones((b, ns), jnp.float32), weight], axis=1),
+      num_out=ns + keep + int(fuse))
   return jnp.concatenate(parts, axis=1), record

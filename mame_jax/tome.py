@@ -323,6 +323,54 @@ def tome(
   return x_out, size_out, record
 
 
+def tome_holding(
+    x: jax.Array, r: int, held: int, *, metric: jax.Array | None = None,
+    size: jax.Array | None = None, order: str = "tome",
+) -> tuple[jax.Array, jax.Array, ToMeRecord]:
+  """One ToMe step on ``[cls | held tokens | the rest]`` where the ``held`` tokens
+  (DINOv2's registers) take no part: the step runs on ``[cls | the rest]`` exactly
+  as :func:`tome` with a class token does on a model without them, and the held
+  tokens go back after the class token, unchanged, with their sizes.
+
+  Returns ``(x_out (B, L - r, D), size_out, record)``. The record describes the
+  whole sequence (its positions and output slots count the held tokens, which
+  stay in place: ``source`` maps them to slots ``1 .. held``), so source maps read
+  it like any other; apply it to other features through this function, not
+  :func:`merge_wavg`, whose A/B layout it no longer follows.
+  """
+  x = jnp.asarray(x)
+  _check_rank3(x, "x", "(B, L, D)")
+  held = int(held)
+  metric = x if metric is None else jnp.asarray(metric)
+
+  def without(a):
+    return jnp.concatenate([a[:, :1], a[:, 1 + held:]], axis=1)
+
+  y, size_out, record = tome(without(x), r, metric=without(metric),
+                             size=None if size is None else without(size),
+                             class_token=True, order=order)
+  kept = (jnp.ones(x.shape[:2], size_out.dtype) if size is None
+          else jnp.asarray(size, size_out.dtype))[:, 1:1 + held]
+  y = jnp.concatenate([y[:, :1], x[:, 1:1 + held], y[:, 1:]], axis=1)
+  size_out = jnp.concatenate([size_out[:, :1], kept, size_out[:, 1:]], axis=1)
+  return y, size_out, _with_held(record, held)
+
+
+def _with_held(record: ToMeRecord, held: int) -> ToMeRecord:
+  """``record`` of ``[cls | rest]`` re-indexed for ``[cls | held | rest]``."""
+  def shift(p):
+    return jnp.where(p >= 1, p + held, p).astype(jnp.int32)
+
+  ids = jnp.broadcast_to(jnp.arange(1, 1 + held, dtype=jnp.int32),
+                         (record.source.shape[0], held))
+
+  def insert(p):  # position / slot 0 is the class token in both
+    p = shift(p)
+    return jnp.concatenate([p[:, :1], ids, p[:, 1:]], axis=1)
+  return ToMeRecord(unm_idx=insert(record.unm_idx), src_idx=shift(record.src_idx),
+                    dst_idx=shift(record.dst_idx), source=insert(record.source))
+
+
 def prop_attn_bias(size: jax.Array) -> jax.Array:
   """Proportional attention: ``log(size)``, ``(B, L)``, to add to the attention
   logits of every query over key ``j`` (broadcast as ``[:, None, None, :]`` for

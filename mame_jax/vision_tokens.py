@@ -202,7 +202,7 @@ def kept_and_merged(smap: sources.SourceMap) -> dict:
 
 
 def _tokens(img_model, k, drop_special, norm, return_sources, img_params, images):
-  ns = 1 if img_model.has_class_token else 0
+  ns = img_model.num_special
   # Only the blocks up to `layer` run; pooling and head are left out (their params
   # stay in the tree, unused).
   truncated = img_model.clone(depth=k + 1, class_token=img_model.has_class_token,

@@ -120,7 +120,7 @@ def main(argv=None) -> int:
   header = "tau    " + " ".join(f"{f'b{i}':>5}" for i in range(model.depth))
   print(header)
   full = np.full(model.depth, float((args.image_size // model.patch_size[0]) ** 2
-                                    + (1 if model.has_class_token else 0)))
+                                    + model.num_special))
   print("plain  " + " ".join(f"{t:5.0f}" for t in full))
   runners = {}
   for tau in args.tau:

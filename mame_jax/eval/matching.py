@@ -66,7 +66,7 @@ def planned_tokens(model, merge, length: int) -> list:
 
   A ``MergeConfig`` has no static schedule (MaMe's counts depend on the data):
   a ``TypeError``."""
-  ns = 1 if model.has_class_token else 0
+  ns = model.num_special
   n, out = int(length), []
   for layer in range(model.depth):
     if isinstance(merge, ToMeConfig):
@@ -126,7 +126,7 @@ def _nearest_tome(model, length: int, cost, target: float, fields: dict) -> ToMe
   """The ``ToMeConfig(r, **fields)`` (every block) whose ``cost(config)`` is
   nearest ``target``; ties: the smaller ``r``. Every ``r`` from 0 to half the
   patches is tried (beyond, ToMe's clip changes nothing)."""
-  ns = 1 if model.has_class_token else 0
+  ns = model.num_special
   best = min(range((int(length) - ns) // 2 + 1),
              key=lambda r: (abs(cost(ToMeConfig(r=r, **fields)) - target), r))
   return ToMeConfig(r=best, **fields)

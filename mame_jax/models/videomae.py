@@ -119,6 +119,7 @@ class _VideoMAE(nn.Module):
   attention_mask: str = "auto"
 
   has_class_token = False  # what code written for vit.Model asks
+  num_special = 0
   pool_type = property(lambda self: "gap" if self.use_mean_pooling else "tok")
   # The ViT's rule, one definition: MaMe / ToMe keep the real tokens first.
   mask_is_prefix = vit._Model.mask_is_prefix  # pylint: disable=protected-access

@@ -119,19 +119,61 @@ def posemb_sincos_2d(h, w, width, temperature=10_000.0, dtype=jnp.float32):
   return jnp.asarray(pe[None], dtype)
 
 
-def resample_posemb(posemb, new_hw):
+# How a learned grid of position embeddings is resampled to another grid
+# (resample_posemb):
+#   "bilinear":  jax.image.resize bilinear, no antialiasing (big_vision / timm
+#                DeiT checkpoints here).
+#   "bicubic":   torch's F.interpolate(mode="bicubic", align_corners=False,
+#                antialias=False) with an explicit size, which is also ONNX
+#                Resize(cubic, half_pixel, cubic_coeff_a=-0.75): DINOv2's rule in
+#                transformers' Dinov2Model.
+#   "bicubic_aa": the antialiased bicubic of transformers' Dinov2WithRegisters and
+#                timm's resample_abs_pos_embed (Keys a=-0.5, the kernel widened by
+#                the shrink factor, weights renormalised at the borders):
+#                jax.image.resize(method="bicubic", antialias=True).
+POSEMB_RESAMPLING = ("bilinear", "bicubic", "bicubic_aa")
+
+
+def cubic_resize_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
+  """The ``(n_out, n_in)`` float64 matrix of a 1-D bicubic resize without
+  antialiasing: output ``i`` samples the input at ``(i + 0.5) * n_in / n_out - 0.5``
+  (half-pixel centres) with Keys' cubic kernel of parameter ``a`` over the four
+  nearest inputs, indices clamped to the edge. ``a = -0.75`` is torch's and ONNX's
+  default. Equal sizes give the identity."""
+  scale = n_in / n_out
+  src = (np.arange(n_out) + 0.5) * scale - 0.5
+  base = np.floor(src)
+  t = src - base
+
+  def kernel(d):  # Keys (1981), |d| <= 2
+    d = np.abs(d)
+    return np.where(d <= 1, ((a + 2) * d - (a + 3)) * d * d + 1,
+                    np.where(d < 2, ((a * d - 5 * a) * d + 8 * a) * d - 4 * a, 0.0))
+
+  m = np.zeros((n_out, n_in))
+  for tap in (-1, 0, 1, 2):
+    idx = np.clip(base + tap, 0, n_in - 1).astype(int)
+    np.add.at(m, (np.arange(n_out), idx), kernel(t - tap))
+  return m
+
+
+def resample_posemb(posemb, new_hw, method: str = "bilinear"):
   """Resizes a square grid of learned position embeddings to another grid.
 
   ``posemb (1, h*w, D) -> (1, H*W, D)`` for ``new_hw = H`` or ``(H, W)``; the input
-  itself is returned when the grid already has that size.
+  itself is returned when the grid already has that size. ``method`` is one of
+  :data:`POSEMB_RESAMPLING`.
 
-  Bilinear, ``jax.image.resize(..., method="bilinear", antialias=False)``: half-pixel
-  sample centres (as ``tf.image.resize`` and timm's ``F.interpolate(...,
+  "bilinear" is ``jax.image.resize(..., method="bilinear", antialias=False)``:
+  half-pixel sample centres (as ``tf.image.resize`` and timm's ``F.interpolate(...,
   align_corners=False)``) and no antialiasing, so that shrinking stays a plain
   interpolation of the learned grid instead of a blur. big_vision uses
   ``scipy.ndimage.zoom(order=1)``, which pins the corner samples instead; the two
-  differ slightly at other sizes and agree at the same size.
+  differ slightly at other sizes and agree at the same size. "bicubic" applies
+  :func:`cubic_resize_matrix` along each axis (in float64, then cast back);
+  "bicubic_aa" is ``jax.image.resize(method="bicubic", antialias=True)``.
   """
+  _check_choice(method, POSEMB_RESAMPLING, "posemb resampling")
   _, n, d = posemb.shape
   new_h, new_w = pair(new_hw)
   side = math.isqrt(n)
@@ -139,8 +181,14 @@ def resample_posemb(posemb, new_hw):
     raise ValueError(f"resample_posemb needs a square grid, got {n} embeddings")
   if (side, side) == (new_h, new_w):
     return posemb
+  if method == "bicubic":
+    grid = np.asarray(posemb, np.float64).reshape(side, side, d)
+    grid = np.einsum("Hh,hwd,Ww->HWd", cubic_resize_matrix(side, new_h), grid,
+                     cubic_resize_matrix(side, new_w))
+    return jnp.asarray(grid.reshape(1, new_h * new_w, d), posemb.dtype)
   grid = jnp.asarray(posemb, jnp.float32).reshape(side, side, d)
-  grid = jax.image.resize(grid, (new_h, new_w, d), method="bilinear", antialias=False)
+  grid = jax.image.resize(grid, (new_h, new_w, d), antialias=method == "bicubic_aa",
+                          method="bilinear" if method == "bilinear" else "bicubic")
   return grid.reshape(1, new_h * new_w, d).astype(posemb.dtype)
 
 
@@ -248,6 +296,10 @@ ATTENTION_BIAS = ("add", "fold")
 # the real tokens come first, which MaMe and ToMe guarantee); "auto": "lengths"
 # with a MergeConfig / ToMeConfig merge, else "mask".
 ATTENTION_MASK = ("auto", "mask", "lengths")
+# How the encoded tokens become one vector: the class token, the mean of the
+# other tokens, a MAP head, the class token beside that mean (DINOv2's
+# classifier input), or every token.
+POOL_TYPES = ("tok", "gap", "map", "tok_gap", "none")
 # The MLP's nonlinearity: "gelu" (tanh or erf, by gelu_approximate) or "quick_gelu"
 # (x * sigmoid(1.702 x), OpenAI CLIP's).
 ACTIVATIONS = ("gelu", "quick_gelu")
@@ -415,13 +467,26 @@ class MultiHeadDotProductAttention(nn.Module):
     return out, jnp.mean(k, axis=-2)
 
 
+class LayerScale(nn.Module):
+  """A learned gain per channel, ``x * scale`` (CaiT's LayerScale, in every DINOv2
+  block on the attention and the MLP branch). ``scale (D,)`` starts at ones, as
+  transformers' ``layerscale_value`` default does."""
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    return x * scale.astype(x.dtype)
+
+
 class Encoder1DBlock(nn.Module):
   """Pre-norm block: ``x + MSA(LN(x))``, then the merge hook, then ``x + MLP(LN(x))``.
 
   ``__call__(x (B, L, D), token_mask=None, size=None) ->
   (x (B, L', D), token_mask, size, aux)``; ``L' = L`` unless the merge changes it.
   With ``prop_attn`` and a ``size``, attention adds ``log(size)`` to its logits
-  (ToMe's proportional attention).
+  (ToMe's proportional attention). With ``layer_scale`` each branch's output is
+  multiplied by a learned per-channel gain before its residual add
+  (``LayerScale_0`` after attention, ``LayerScale_1`` after the MLP: DINOv2).
   """
 
   mlp_dim: Optional[int] = None
@@ -441,6 +506,7 @@ class Encoder1DBlock(nn.Module):
   use_key_bias: bool = True
   activation: str = "gelu"  # ACTIVATIONS
   causal: bool = False  # causal self-attention (CLIP's text tower; never merges)
+  layer_scale: bool = False  # DINOv2's LayerScale on both branches
 
   @nn.compact
   def __call__(self, x, token_mask=None, size=None, deterministic=True):
@@ -455,6 +521,8 @@ class Encoder1DBlock(nn.Module):
         bias_mode=self.attention_bias, mask_is_prefix=self.mask_is_prefix,
         use_key_bias=self.use_key_bias, causal=self.causal, cls_row=cls_row)(
             y, y, token_mask=token_mask, bias=bias)
+    if self.layer_scale:
+      y = LayerScale()(y)
     out["sa"] = y
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     x = out["+sa"] = (x + y).astype(jnp.promote_types(x.dtype, self.dtype))
@@ -470,6 +538,8 @@ class Encoder1DBlock(nn.Module):
         mlp_dim=self.mlp_dim, dropout=self.dropout, dtype_mm=self.dtype_mm,
         gelu_approximate=self.gelu_approximate, dtype=self.dtype,
         activation=self.activation)(y, deterministic)
+    if self.layer_scale:
+      y = out["mlp"] = LayerScale()(y)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     x = out["+mlp"] = (x + y).astype(jnp.promote_types(x.dtype, self.dtype))
     return x, token_mask, size, out
@@ -514,6 +584,7 @@ class Encoder(nn.Module):
   use_key_bias: bool = True
   activation: str = "gelu"
   causal: bool = False
+  layer_scale: bool = False
 
   @nn.compact
   def __call__(self, x, token_mask=None, size=None, deterministic=True):
@@ -524,7 +595,7 @@ class Encoder(nn.Module):
         prop_attn=self.prop_attn, dtype=self.dtype, attention=self.attention,
         attention_bias=self.attention_bias, mask_is_prefix=self.mask_is_prefix,
         ln_eps=self.ln_eps, use_key_bias=self.use_key_bias, activation=self.activation,
-        causal=self.causal)
+        causal=self.causal, layer_scale=self.layer_scale)
     check_depth = getattr(self.merge, "check_depth", None)
     if check_depth is not None:  # EViT / DiffRate: layers or a schedule per block
       check_depth(self.depth)
@@ -646,6 +717,18 @@ class _Model(nn.Module):
       the first block, as CLIP's image tower has (transformers' ``pre_layrnorm``).
     ln_eps: epsilon of the blocks' LayerNorms, ``pre_norm`` and ``encoder_norm``
       (CLIP: 1e-5).
+    layer_scale: DINOv2's LayerScale, a learned per-channel gain on the attention
+      and the MLP branch of every block (``LayerScale_0/scale``,
+      ``LayerScale_1/scale``).
+    num_registers: DINOv2-reg's register tokens, ``registers (1, R, D)``,
+      inserted after the class token and before the patches, with no position
+      embedding. They are special tokens: ``num_special`` counts them, so no merge
+      (MaMe, ToMe, EViT, DiffRate) ever moves, drops or merges them; ``gap``
+      pooling skips them.
+
+  ``pool_type="tok_gap"`` is transformers' ``Dinov2ForImageClassification`` head
+  input: the class token concatenated with the mean of the patch tokens (the real
+  ones, registers excluded), ``(B, 2D)``.
   """
 
   num_classes: Optional[int] = None
@@ -657,7 +740,7 @@ class _Model(nn.Module):
   posemb: str = "learn"  # or "sincos2d"
   rep_size: Union[int, bool] = False
   dropout: float = 0.0
-  pool_type: str = "gap"  # "tok", "gap", "map" or "none"
+  pool_type: str = "gap"  # POOL_TYPES
   class_token: Optional[bool] = None
   fc_norm: bool = False
   head_zeroinit: bool = True
@@ -675,12 +758,19 @@ class _Model(nn.Module):
   activation: str = "gelu"
   pre_norm: bool = False
   ln_eps: float = LN_EPS
+  layer_scale: bool = False
+  num_registers: int = 0
 
   @property
   def has_class_token(self) -> bool:
     if self.class_token is None:
-      return self.pool_type == "tok"
+      return self.pool_type in ("tok", "tok_gap")
     return bool(self.class_token)
+
+  @property
+  def num_special(self) -> int:
+    """The leading tokens no merge touches: the class token and the registers."""
+    return int(self.has_class_token) + self.num_registers
 
   @property
   def mask_is_prefix(self) -> bool:
@@ -694,10 +784,10 @@ class _Model(nn.Module):
 
   @nn.compact
   def __call__(self, image, *, train=False):
-    if self.pool_type not in ("tok", "gap", "map", "none"):
-      raise ValueError(f"Unknown pool type {self.pool_type!r}")
-    if self.pool_type == "tok" and not self.has_class_token:
-      raise ValueError("pool_type='tok' needs a class token")
+    if self.pool_type not in POOL_TYPES:
+      raise ValueError(f"Unknown pool type {self.pool_type!r}; known: {POOL_TYPES}")
+    if self.pool_type in ("tok", "tok_gap") and not self.has_class_token:
+      raise ValueError(f"pool_type={self.pool_type!r} needs a class token")
     out = {}
     image = jnp.asarray(image, jnp.float32)
     if self.input_norm is not None:
@@ -721,11 +811,17 @@ class _Model(nn.Module):
       raise ValueError(f"Unknown posemb type {self.posemb!r}")
     x = out["with_posemb"] = x + pos.astype(self.dtype)
 
-    num_prefix = 0
+    prefix = []
     if self.has_class_token:
       cls = self.param("cls", nn.initializers.zeros, (1, 1, d), jnp.float32)
-      x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, d)), x], axis=1)
-      num_prefix = 1
+      prefix.append(jnp.broadcast_to(cls.astype(x.dtype), (n, 1, d)))
+    if self.num_registers:  # DINOv2-reg: [cls | registers | patches]
+      reg = self.param("registers", nn.initializers.zeros, (1, self.num_registers, d),
+                       jnp.float32)
+      prefix.append(jnp.broadcast_to(reg.astype(x.dtype), (n, self.num_registers, d)))
+    if prefix:
+      x = jnp.concatenate([*prefix, x], axis=1)
+    num_prefix = self.num_special
     x = nn.Dropout(rate=self.dropout)(x, not train)
     if self.pre_norm:  # CLIP: after the class token and position embeddings
       x = out["pre_norm"] = nn.LayerNorm(epsilon=self.ln_eps, name="pre_norm",
@@ -743,7 +839,7 @@ class _Model(nn.Module):
         prop_attn=self.prop_attn, merge=self.merge, final_norm=not self.fc_norm,
         num_special=num_prefix, dtype=self.dtype, attention=self.attention,
         attention_bias=self.attention_bias, mask_is_prefix=self.mask_is_prefix,
-        ln_eps=self.ln_eps, activation=self.activation,
+        ln_eps=self.ln_eps, activation=self.activation, layer_scale=self.layer_scale,
         name="Transformer")(x, token_mask, size, deterministic=not train)
     out.update(enc)
     if token_mask is not None:
@@ -753,13 +849,14 @@ class _Model(nn.Module):
     # hundreds of tokens would lose digits the logits keep.
     x = x.astype(jnp.float32)
 
-    if self.pool_type == "tok":
-      x = x[:, 0]
-    elif self.pool_type == "gap":  # mean over the real, non-class tokens
+    if self.pool_type in ("gap", "tok_gap"):  # mean over the real, non-special tokens
       mask = None if token_mask is None else token_mask[:, num_prefix:]
       # ToMe's MAE recipe weighs each token by its size (ToMeConfig.pool).
       weighted = size is not None and getattr(self.merge, "pool", None) == "size_weighted"
-      x = masked_mean(x[:, num_prefix:], mask, size[:, num_prefix:] if weighted else None)
+      mean = masked_mean(x[:, num_prefix:], mask, size[:, num_prefix:] if weighted else None)
+      x = jnp.concatenate([x[:, 0], mean], axis=-1) if self.pool_type == "tok_gap" else mean
+    elif self.pool_type == "tok":
+      x = x[:, 0]
     elif self.pool_type == "map":
       x = MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                   dtype_mm=self.dtype_mm, attention=self.attention,
