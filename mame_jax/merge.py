@@ -34,6 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 PARTITIONS = ("alternating", "sequential", "random")
+# Whose preserved sources a sample keeps: "batch", the paper's rule (a source
+# preserved in any sample is preserved in every sample, jnp.any over the batch),
+# or "sample" (each sample its own, eqs. 1-10 applied to it alone).
+PRESERVE = ("batch", "sample")
 SIMILARITIES = ("cosine", "dot")
 
 
@@ -43,8 +47,9 @@ class MergeInfo:
 
   Attributes:
     fusion: (B, M, N) the final fusion weights W^F (eq. 8) after the causal
-      mask and the batch-wide preservation correction ``W^F *= 1 - m``.
-    preserved: (N,) bool, the batch-wide preservation mask m (OR over samples).
+      mask and the preservation correction ``W^F *= 1 - m``.
+    preserved: the preservation mask m: (N,) bool with ``preserve="batch"`` (OR
+      over the samples), (B, N) with ``preserve="sample"`` (each sample's own).
     num_preserved: () int32, r: the most preserved sources any sample has (the
       capacity needed to drop nothing). Equals ``preserved.sum()`` without padding.
     overflow: () bool, ``num_preserved > capacity``: preserved tokens were dropped.
@@ -137,7 +142,7 @@ def _check_mask(token_mask, b, l):
 
 
 def check_merge_args(x, tau, num_special, eps, capacity, token_mask, partition,
-                     similarity, key, metric):
+                     similarity, key, metric, preserve="batch"):
   """Validates ``mame``'s arguments; returns ``(B, L, D)``."""
   b, l, _ = check_tokens(x)
   _check_tau(tau)
@@ -157,6 +162,8 @@ def check_merge_args(x, tau, num_special, eps, capacity, token_mask, partition,
     raise ValueError("partition='random' needs a PRNG key: pass key=jax.random.key(seed)")
   if similarity not in SIMILARITIES:
     raise ValueError(f"similarity must be one of {SIMILARITIES}; got {similarity!r}")
+  if preserve not in PRESERVE:
+    raise ValueError(f"preserve must be one of {PRESERVE}; got {preserve!r}")
   if metric is not None:
     mb, ml, _ = check_tokens(metric, "metric")
     if (mb, ml) != (b, l):
@@ -285,7 +292,7 @@ def fusion_weights(s, tau, eps=1e-6, pair_mask=None):
 
 def mame(x, tau, *, num_special=0, eps=1e-6, capacity=None, token_mask=None,
          partition="alternating", similarity="cosine", causal=False, key=None,
-         metric=None) -> tuple[jax.Array, MergeInfo]:
+         metric=None, preserve="batch") -> tuple[jax.Array, MergeInfo]:
   """Matrix-based token merging (Algorithm 1, eqs. 1-10).
 
   Args:
@@ -309,34 +316,38 @@ def mame(x, tau, *, num_special=0, eps=1e-6, capacity=None, token_mask=None,
     key: PRNG key for ``partition="random"``.
     metric: (B, L, Dm) features the similarity is computed on (e.g. attention
       keys); None uses ``x`` itself. Tokens are always fused with ``x``.
+    preserve: "batch" (default, the paper's batch-wide rule, Sec. 3.3: a source
+      is preserved if it is preserved in any sample, so without padding every
+      sample keeps the same number ``r`` of preserved tokens) or "sample" (each
+      sample keeps its own preserved sources: its real outputs are those of the
+      batch of one holding it, whatever its batch mates, and the rows are padded
+      to the batch's largest count).
 
   Returns:
     ``(y, info)``: ``y`` (B, num_special + M + c, D) in ``x.dtype`` and the
-    :class:`MergeInfo` record. Batch-wide preservation (Sec. 3.3): a source is
-    preserved if it is preserved in any sample, so without padding every sample
-    keeps the same number ``r`` of preserved tokens.
+    :class:`MergeInfo` record.
   """
   check_merge_args(x, tau, num_special, eps, capacity, token_mask, partition,
-                   similarity, key, metric)
+                   similarity, key, metric, preserve)
   n_src = (x.shape[1] - num_special + 1) // 2
   if capacity is not None:
     return _mame(x, tau, num_special, eps, capacity, token_mask, partition,
-                 similarity, causal, key, metric)
+                 similarity, causal, key, metric, preserve)
   if is_traced(x, tau, token_mask, metric, key):
     raise ValueError(
         "mame(capacity=None) computes the exact, data-dependent output length and "
         "cannot run under jit/vmap/grad tracing: pass a static capacity=c (see "
         "mame_jax.buckets) and read info.token_mask / info.overflow")
   y, info = _mame(x, tau, num_special, eps, n_src, token_mask, partition,
-                  similarity, causal, key, metric)
+                  similarity, causal, key, metric, preserve)
   length = num_special + info.num_dst + int(info.num_preserved)
   info = info.replace(token_mask=info.token_mask[:, :length], source=info.source[:, :length])
   return y[:, :length], info
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 6, 7, 8))
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 6, 7, 8, 11))
 def _mame(x, tau, num_special, eps, capacity, token_mask, partition, similarity,
-          causal, key, metric):
+          causal, key, metric, preserve):
   # One compiled program per shape and option set, also for eager calls; inside
   # an outer jit this is simply inlined.
   b, l, _ = x.shape
@@ -364,16 +375,20 @@ def _mame(x, tau, num_special, eps, capacity, token_mask, partition, similarity,
   if causal:
     fusion = fusion * (src_idx[:, None, :] < dst_idx[:, :, None]).astype(dtype)
 
-  # Preservation: a source with no connection left, OR-ed over the batch.
+  # Preservation: a source with no connection left -- OR-ed over the batch
+  # (the paper's rule), or each sample's own.
   preserved_b = (fusion.sum(axis=1) == 0) & src_real       # (B, N)
-  preserved = jnp.any(preserved_b, axis=0)                  # (N,)
-  fusion = fusion * (1 - preserved.astype(dtype))
+  if preserve == "batch":
+    preserved = jnp.any(preserved_b, axis=0)                # (N,)
+    fusion = fusion * (1 - preserved.astype(dtype))
+    keep = preserved[None, :] & src_real                    # (B, N)
+  else:
+    preserved = keep = preserved_b                          # (B, N); W^F already 0 there
 
   # (9) fuse the sources into the destinations.
   fused = (x_dst + fusion @ x_src) / (1 + fusion.sum(-1, keepdims=True))
 
   # (10) assemble [special | destinations | preserved sources | padding].
-  keep = preserved[None, :] & src_real                      # (B, N)
   num_kept = keep.sum(-1).astype(jnp.int32)                 # (B,)
   pres_slot, _ = _slot_index(keep, capacity)                # (B, c)
   n_dst = dst_real.sum(-1, keepdims=True).astype(jnp.int32)  # (B, 1)

@@ -38,8 +38,9 @@ def cosine(a, b):
 
 
 def mame(x, tau, num_special=0, eps=1e-6, mask=None, kind="alternating",
-         similarity="cosine", metric=None, causal=False):
-  """Returns (outputs: list of (L_b, D) arrays, per-sample records)."""
+         similarity="cosine", metric=None, causal=False, preserve="batch"):
+  """Returns (outputs: list of (L_b, D) arrays, per-sample records, the batch-wide
+  mask m, or None with ``preserve="sample"``: every sample keeps its own)."""
   x = np.asarray(x, np.float64)
   metric = x if metric is None else np.asarray(metric, np.float64)
   b_size, length, _ = x.shape
@@ -64,9 +65,11 @@ def mame(x, tau, num_special=0, eps=1e-6, mask=None, kind="alternating",
   m = np.zeros(n_max, bool)
   for r in records:
     m[:len(r["src"])] |= r["preserved"]
+  if preserve == "sample":
+    m = None
   outputs = []
   for b, r in enumerate(records):
-    keep = m[:len(r["src"])]
+    keep = r["preserved"] if m is None else m[:len(r["src"])]
     wf = r["wf"] * (1 - keep)
     r.update(wf=wf, keep=keep)
     xs, xd = x[b, r["src"]], x[b, r["dst"]]

@@ -49,7 +49,7 @@ from __future__ import annotations
 import os
 import pathlib
 import re
-from typing import Mapping, Optional
+from typing import Mapping
 
 import numpy as np
 

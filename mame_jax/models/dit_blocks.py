@@ -42,7 +42,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from mame_jax.generation import RESTORES, mame_mare
@@ -57,10 +56,7 @@ def _mame_options(cfg: MergeConfig, layer: int) -> dict:
     raise ValueError(f"MergeConfig.metric={cfg.metric!r} cannot be used in a generation "
                      f"block: eq. (17) merges before attention, so there are no keys yet; "
                      f"use metric='tokens'")
-  key = (jax.random.fold_in(jax.random.key(cfg.seed), layer)
-         if cfg.partition == "random" else None)
-  return dict(eps=cfg.eps, partition=cfg.partition, similarity=cfg.similarity,
-              causal=cfg.causal, key=key)
+  return cfg.mame_options(layer)
 
 
 class _Modulation:

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from mame_jax import diffrate as diffrate_lib
 from mame_jax import evit as evit_lib
 from mame_jax import tome as tome_lib
-from mame_jax.merge import PARTITIONS, SIMILARITIES, is_traced, mame, num_sources
+from mame_jax.merge import PARTITIONS, PRESERVE, SIMILARITIES, is_traced, mame, num_sources
 
 DEFAULT_TAU = 0.8        # the paper's training-free threshold
 DEFAULT_NUM_LAYERS = 8   # ... in the first 8 blocks
@@ -68,6 +68,10 @@ class MergeConfig:
     partition, similarity, causal, eps: as in :func:`mame_jax.mame`.
     seed: seeds ``partition="random"`` (folded with the layer index).
     bucket_step: capacities the runner picks are multiples of this (or N).
+    preserve: "batch" (the paper's batch-wide preservation mask, the default) or
+      "sample" (every image keeps its own preserved sources: its tokens, logits
+      and token counts are those of the batch of one holding it; rows are padded
+      to the batch's longest, and padded tokens are masked everywhere).
   """
 
   tau: Union[float, tuple] = DEFAULT_TAU
@@ -81,6 +85,7 @@ class MergeConfig:
   eps: float = 1e-6
   seed: int = 0
   bucket_step: int = 16
+  preserve: str = "batch"
 
   def __post_init__(self):
     object.__setattr__(self, "layers", _int_tuple(self.layers, "layers"))
@@ -95,7 +100,8 @@ class MergeConfig:
       object.__setattr__(self, "capacities", caps)
     for name, value, allowed in (("mode", self.mode, MODES), ("metric", self.metric, METRICS),
                                  ("partition", self.partition, PARTITIONS),
-                                 ("similarity", self.similarity, SIMILARITIES)):
+                                 ("similarity", self.similarity, SIMILARITIES),
+                                 ("preserve", self.preserve, PRESERVE)):
       if value not in allowed:
         raise ValueError(f"MergeConfig.{name} must be one of {allowed}; got {value!r}")
     if self.bucket_step < 1:
@@ -138,17 +144,23 @@ class MergeConfig:
     c = caps[self.layers.index(layer)]
     return full if c is None else min(c, full)
 
+  def mame_options(self, layer: int) -> dict:
+    """The ``mame`` arguments this config sets in block ``layer`` besides tau,
+    capacity and the metric: one definition for the ViT hook and the generation
+    blocks."""
+    key = (jax.random.fold_in(jax.random.key(self.seed), layer)
+           if self.partition == "random" else None)
+    return dict(eps=self.eps, partition=self.partition, similarity=self.similarity,
+                causal=self.causal, key=key, preserve=self.preserve)
+
   def __call__(self, x, token_mask, size, keys, *, layer, num_special=0):
     """Block hook: ``x (B, L, D) -> (B, num_special + M + c, D)`` in merge layers."""
     if layer not in self.layers or not self.active:
       return x, token_mask, size, {}
     c = self.capacity(layer, x.shape[1], num_special)
-    key = (jax.random.fold_in(jax.random.key(self.seed), layer)
-           if self.partition == "random" else None)
-    y, info = mame(x, self.tau_of(layer), num_special=num_special, eps=self.eps, capacity=c,
-                   token_mask=token_mask, partition=self.partition,
-                   similarity=self.similarity, causal=self.causal, key=key,
-                   metric=keys if self.metric == "keys" else None)
+    y, info = mame(x, self.tau_of(layer), num_special=num_special, capacity=c,
+                   token_mask=token_mask, metric=keys if self.metric == "keys" else None,
+                   **self.mame_options(layer))
     # MaMe's average (eq. 9) is not size-weighted: sizes stop being tracked.
     return y, info.token_mask, None, {"info": info}
 
