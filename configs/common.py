@@ -14,7 +14,9 @@ one file can describe a model, its merge and its data once for every command:
   ``"0-7"`` or ``"3,6,9"``; ``None``: the first 8 blocks), ``tome_r``,
   ``tome_recipe`` (ToMe's own settings for the model family: ``"timm"``,
   proportional attention and a plain mean pool, or ``"mae"``, as ToMe's MAE
-  patch: no proportional attention and a size-weighted global pool), ...
+  patch: no proportional attention and a size-weighted global pool),
+  ``preserve`` (MaMe's preservation rule: ``"batch"``, the paper's batch-wide
+  mask, or ``"sample"``, every image its own), ...
 * ``input``: ``data``, ``split``, ``data_dir``, ``label_map``, ``batch_size``,
   ``limit`` (``None``: every image).
 * ``zeroshot`` (eval): zero-shot classification with a SigLIP two-tower
@@ -134,6 +136,7 @@ def eval_config() -> ml_collections.ConfigDict:
       evit=(),                      # EViT rows, one per keep rate
       evit_layers=placeholder(str), # EViT blocks; None: EViT's own 3,6,9 (0-based)
       diffrate=(),                  # DiffRate rows, one per published MODEL@GFLOPS
+      preserve="batch",             # MaMe's preserved sources: batch (paper) | sample
   ))
   config.input = input_config()
   config.eval = ml_collections.ConfigDict(dict(
@@ -196,6 +199,7 @@ def visualize_config() -> ml_collections.ConfigDict:
       evit=placeholder(float),      # also draw EViT at this keep rate
       evit_layers=placeholder(str), # EViT blocks; None: EViT's own 3,6,9 (0-based)
       diffrate=placeholder(str),    # also draw DiffRate's published MODEL@GFLOPS schedule
+      preserve="batch",             # MaMe's preserved sources: batch (paper) | sample
   ))
   config.visualize = ml_collections.ConfigDict(dict(
       images=(),                    # image files or skimage.data names

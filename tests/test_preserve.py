@@ -120,3 +120,20 @@ def test_vit_batch_invariance():
   # The batch-wide rule: the busy images' preserved sources stay in the smooth ones.
   together, alone = outs["batch"]
   assert (together[:, -1] > alone[:, -1]).any()
+
+
+def test_preserve_reaches_the_commands():
+  """``--config.merge.preserve=sample`` builds MaMe rows with the sample rule in
+  eval and calibrate; a mistyped value is refused when the rows are built."""
+  from mame_jax.cli import calibrate as calibrate_cli
+  from mame_jax.cli import eval as eval_cli
+  from mame_jax.eval import methods
+  config = eval_cli.parse(["--config.merge.preserve=sample", "--config.merge.tau=(0.7,0.8)"])
+  assert config.merge.preserve == "sample"
+  assert calibrate_cli.parse(["--config.merge.preserve=sample"]).merge.preserve == "sample"
+  model = vit.Model(10, width=32, depth=3, num_heads=2, patch_size=4)
+  rows = methods.build_methods(model, config.merge.tau, preserve=config.merge.preserve)
+  assert [m.merge.preserve for m in rows[1:]] == ["sample", "sample"]
+  assert eval_cli.parse([]).merge.preserve == "batch"  # the paper's rule by default
+  with pytest.raises(ValueError, match="preserve"):
+    methods.build_methods(model, (0.8,), preserve="image")

@@ -12,7 +12,7 @@ from mame_jax.configs import common
 from mame_jax.eval import calibrate as calibrate_lib
 from mame_jax.eval import data as data_lib
 from mame_jax.eval import report
-from mame_jax.models.merging import parse_layers
+from mame_jax.models.merging import MergeConfig, parse_layers
 from mame_jax.models.vit import image_size_of
 
 
@@ -91,6 +91,7 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         model, params, batches, target_gflops=cal_c.target_gflops,
         target_speedup=cal_c.target_speedup, per_layer=cal_c.per_layer,
         merge_layers=parse_layers(config.merge.layers), tol=cal_c.tol,
+        merge=MergeConfig(preserve=config.merge.preserve), preserve=config.merge.preserve,
         heldout=heldout, taus=[float(t) for t in config.merge.tau],
         tome_r=[int(r) for r in config.merge.tome_r], tome_recipe=config.merge.tome_recipe,
         batch_size=inp.batch_size,

@@ -170,7 +170,7 @@ def _draw_images(config, model, params, layers, tome_r):
   _, counts = pictures.draw(model, params, batch, tau=config.merge.tau, layers=layers,
                             tome_r=tome_r, out_path=config.visualize.out,
                             panel=config.visualize.panel, names=names,
-                            extra=_baselines(config.merge))
+                            extra=_baselines(config.merge), preserve=config.merge.preserve)
   return counts, names
 
 

@@ -82,8 +82,8 @@ from mame_jax.models.vit import image_size_of
 
 
 def evaluate(model, params, data, *, taus=(DEFAULT_TAU,), tome_r=(), merge_layers=None, extra=(),
-             tome_recipe: str = "timm", batch_size: int = 256, limit: Optional[int] = None,
-             preprocess=None,
+             tome_recipe: str = "timm", preserve: str = "batch", batch_size: int = 256,
+             limit: Optional[int] = None, preprocess=None,
              image_size=None, split=None, data_dir=None, label_map=None,
              num_devices: Optional[int] = None, runs: int = 7, warmup: int = 2,
              progress: Optional[bool] = None, stream=None, head=None,
@@ -96,8 +96,9 @@ def evaluate(model, params, data, *, taus=(DEFAULT_TAU,), tome_r=(), merge_layer
     taus: MaMe thresholds, one row each (in ``merge_layers``; default the
       first 8 blocks). ``tome_r``: ToMe ``r`` values, one row each (every
       block, with ``tome_recipe``'s settings: "timm" or "mae", see
-      ``ToMeConfig.recipe``). ``extra``: further merge configs (e.g. a calibrated
-      one).
+      ``ToMeConfig.recipe``). ``preserve``: the MaMe rows' preservation rule
+      ("batch", the paper's, or "sample"). ``extra``: further merge configs (e.g.
+      a calibrated one).
     batch_size: global batch; a multiple of the device count. The last batch
       is padded to it (padding rows repeat a real image and are not counted).
     limit: evaluate the first ``limit`` images only.
@@ -162,7 +163,7 @@ def evaluate(model, params, data, *, taus=(DEFAULT_TAU,), tome_r=(), merge_layer
   rows_sharding = NamedSharding(mesh, P("data"))
   params = jax.device_put(params, NamedSharding(mesh, P()))
   methods = methods_lib.build_methods(model, taus, tome_r, parse_layers(merge_layers), extra,
-                                      tome_recipe)
+                                      tome_recipe, preserve)
   runners = [Runner(model.clone(merge=m.merge), params) for m in methods]
   if head is not None:
     head_params = jax.device_put(head_params, NamedSharding(mesh, P()))

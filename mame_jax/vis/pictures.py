@@ -216,9 +216,12 @@ def matched_tome_r(maps, layers: Sequence[int], num_special: int = 1) -> int:
 
 
 def draw(model, params, images, *, tau: float = DEFAULT_TAU, layers: Sequence[int] = range(8),
-         tome_r=None, out_path=None, panel: int = 160, names=None, extra: Sequence = ()):
+         tome_r=None, out_path=None, panel: int = 160, names=None, extra: Sequence = (),
+         preserve: str = "batch"):
   """Runs MaMe (and ToMe when ``tome_r`` is an int, or ``"match"`` for
   :func:`matched_tome_r`) in ``layers`` and draws :func:`cluster_figure`.
+  ``preserve``: MaMe's rule, "batch" (the paper's: the images drawn together
+  share their preserved sources) or "sample" (each image its own).
 
   ``extra``: more merge configs, one row each after those, in their own blocks
   (panels still at ``layers``), labelled as ``mame-jax eval`` names them --
@@ -233,7 +236,7 @@ def draw(model, params, images, *, tau: float = DEFAULT_TAU, layers: Sequence[in
   layers = sorted(set(int(l) for l in layers))
   if not layers or layers[0] < 0 or layers[-1] >= model.depth:
     raise ValueError(f"layers must be blocks of the model (0..{model.depth - 1}); got {layers}")
-  cfg = MergeConfig(tau=float(tau), layers=tuple(layers))
+  cfg = MergeConfig(tau=float(tau), layers=tuple(layers), preserve=preserve)
   maps, aux = merge_maps(model, params, images, cfg)
   label = f"MaMe tau={tau:g}"
   rows, counts = [(label, maps)], {label: np.asarray(aux["tokens_per_block"])}
