@@ -13,6 +13,13 @@ capacity per merge layer). The model's ``merge`` config says how:
 * ``mode="fixed"``: the config's capacities, once; dropped tokens are counted in
   ``aux["dropped"]``.
 
+With ``execution="packed"`` exact mode also sizes the flat buffers the blocks
+after each merge layer run on (:mod:`mame_jax.models.packing`): the first batch
+runs with every slot (nothing can be lost), and its real-token totals, rounded
+up to a bucket (``packed_buckets``), become the buffers of later batches; a
+batch whose real tokens exceed a buffer is run again with it grown. Like the
+capacities, the buffers only grow. ``aux["packed_sizes"]`` says which ran.
+
 ToMe configs and plain models run once, as they are.
 
 The program is lean: inside the jitted function only what exact mode and the
@@ -78,6 +85,7 @@ class Runner:
     self._programs = {}
     self.reruns = 0
     self.schedule: Optional[tuple] = None
+    self.packed: Optional[tuple] = None  # packed buffer sizes (execution="packed")
     self._initial_fraction = initial_fraction
     cfg = self.cfg
     if isinstance(cfg, MergeConfig) and any(l >= model.depth for l in cfg.layers):
@@ -93,16 +101,20 @@ class Runner:
     return (isinstance(self.cfg, MergeConfig) and self.cfg.mode == "exact"
             and self.cfg.active)
 
-  def program(self, schedule: Optional[tuple], shape, records: Optional[bool] = None):
+  def program(self, schedule: Optional[tuple], shape, records: Optional[bool] = None,
+              packed: Optional[tuple] = None):
     """The jitted forward ``(params, images) -> (output, aux)`` for a schedule
-    (None: the model's own config). ``records`` (default ``self.records``): the
-    model's whole ``aux`` plus the summary, else only the summary (lean)."""
+    (None: the model's own config) and packed buffer sizes (None: the config's).
+    ``records`` (default ``self.records``): the model's whole ``aux`` plus the
+    summary, else only the summary (lean)."""
     records = self.records if records is None else bool(records)
-    k = (schedule, tuple(shape), records)
+    k = (schedule, packed, tuple(shape), records)
     if k not in self._programs:
       model, cfg = self.model, self.cfg
       if schedule is not None:
         model = model.clone(merge=cfg.replace(capacities=schedule))
+      if packed is not None:
+        model = model.clone(merge=model.merge.replace(packed_sizes=packed))
 
       def forward(p, x):
         out, aux = model.apply({"params": p}, x)
@@ -143,10 +155,20 @@ class Runner:
     if self.schedule is None:
       self.schedule = self._initial_schedule(length, ns)
     while True:
-      out, aux = self.program(self.schedule, images.shape, records)(self.params, images)
+      out, aux = self.program(self.schedule, images.shape, records, self.packed)(
+          self.params, images)
       aux = _summarise(self.cfg, aux)
       over = np.asarray(aux["overflow"])
       if not over.any():
+        batch, ran = images.shape[0], self.packed
+        self.packed = self._packed_after(aux, batch, length, ns)
+        if self.packed is not None:
+          ran = ran or self._full(batch, length, ns)
+          totals = np.asarray(aux["tokens_per_block"]).sum(0)[list(self.cfg.layers)]
+          if (totals > np.asarray(ran)).any():  # a buffer lost tokens: run again
+            self.reruns += 1
+            continue
+          aux["packed_sizes"] = ran
         aux["capacities"] = self.schedule
         return out, aux
       # Grow every overflowing layer to the bucket holding what it needed. Later
@@ -161,10 +183,38 @@ class Runner:
       self.schedule = tuple(caps)
       self.reruns += 1
 
+  def _full(self, batch, length, ns) -> tuple:
+    """Every slot after each merge layer: ``batch * merged length``."""
+    cfg = self.cfg.replace(capacities=self.schedule)
+    lengths = layer_lengths(cfg, self.model.depth + 1, length, ns)
+    return tuple(batch * lengths[l + 1] for l in cfg.layers)
+
+  def _packed_after(self, aux, batch, length, ns) -> Optional[tuple]:
+    """The packed buffers for the next run: each merge layer's real-token total
+    rounded up to its bucket, never below the buffer it has (``None`` without
+    packed execution)."""
+    if self.cfg.execution != "packed":
+      return None
+    totals = np.asarray(aux["tokens_per_block"]).sum(0)
+    sizes = []
+    for i, (layer, full) in enumerate(zip(self.cfg.layers, self._full(batch, length, ns))):
+      size = bucket_for(min(int(totals[layer]), full), packed_buckets(full))
+      if self.packed is not None and self.packed[i] is not None:
+        size = max(size, min(self.packed[i], full))
+      sizes.append(size)
+    return tuple(sizes)
+
   def full(self, images):
     """``self(images, records=True)``: the output and the model's whole ``aux``
     (every block's merge record) beside the summary."""
     return self(images, records=True)
+
+
+def packed_buckets(full: int, count: int = 32) -> list:
+  """The buffer sizes a merge layer's packed stage draws from: ``count`` equal
+  steps up to ``full`` (every slot), so a buffer wastes at most ``full / count``
+  slots and a run sees at most ``count`` programs per layer."""
+  return linear_buckets(full, max(1, -(-full // count)))
 
 
 def _select(cfg, aux) -> dict:

@@ -36,11 +36,15 @@ import jax.numpy as jnp
 from mame_jax import diffrate as diffrate_lib
 from mame_jax import evit as evit_lib
 from mame_jax import tome as tome_lib
-from mame_jax.merge import PARTITIONS, PRESERVE, SIMILARITIES, is_traced, mame, num_sources
+from mame_jax.merge import (PARTITIONS, PRESERVE, SIMILARITIES, is_traced, mame,
+                            merged_length, num_sources)
 
 DEFAULT_TAU = 0.8        # the paper's training-free threshold
 DEFAULT_NUM_LAYERS = 8   # ... in the first 8 blocks
 MODES = ("exact", "fixed")
+# How the blocks after a merge run: on the padded (B, L) layout, or with their
+# token-wise layers on the real tokens only (mame_jax.models.packing).
+EXECUTIONS = ("padded", "packed")
 METRICS = ("tokens", "keys")
 
 
@@ -72,6 +76,15 @@ class MergeConfig:
       "sample" (every image keeps its own preserved sources: its tokens, logits
       and token counts are those of the batch of one holding it; rows are padded
       to the batch's longest, and padded tokens are masked everywhere).
+    execution: "padded" (every block runs on the padded ``(B, L)`` layout) or
+      "packed" (after each merge layer, the LayerNorms, projections and MLP run
+      on the batch's real tokens only, gathered into a flat buffer;
+      :mod:`mame_jax.models.packing`). Same values either way.
+    packed_sizes: with "packed", the flat buffer's static size after each merge
+      layer (one entry per layer; ``None`` entries or ``None`` overall: every
+      slot, ``B * L``). The runner's exact mode picks and grows them; a buffer
+      smaller than the real tokens would lose tokens, so give them by hand only
+      with care.
   """
 
   tau: Union[float, tuple] = DEFAULT_TAU
@@ -86,6 +99,8 @@ class MergeConfig:
   seed: int = 0
   bucket_step: int = 16
   preserve: str = "batch"
+  execution: str = "padded"
+  packed_sizes: Optional[tuple] = None
 
   def __post_init__(self):
     object.__setattr__(self, "layers", _int_tuple(self.layers, "layers"))
@@ -101,11 +116,18 @@ class MergeConfig:
     for name, value, allowed in (("mode", self.mode, MODES), ("metric", self.metric, METRICS),
                                  ("partition", self.partition, PARTITIONS),
                                  ("similarity", self.similarity, SIMILARITIES),
-                                 ("preserve", self.preserve, PRESERVE)):
+                                 ("preserve", self.preserve, PRESERVE),
+                                 ("execution", self.execution, EXECUTIONS)):
       if value not in allowed:
         raise ValueError(f"MergeConfig.{name} must be one of {allowed}; got {value!r}")
     if self.bucket_step < 1:
       raise ValueError(f"MergeConfig.bucket_step must be >= 1; got {self.bucket_step}")
+    if self.packed_sizes is not None:
+      sizes = tuple(None if t is None else int(t) for t in self.packed_sizes)
+      if len(sizes) != len(self.layers) or any(t is not None and t < 1 for t in sizes):
+        raise ValueError(f"MergeConfig.packed_sizes needs one size >= 1 (or None) per merge "
+                         f"layer ({len(self.layers)}); got {self.packed_sizes!r}")
+      object.__setattr__(self, "packed_sizes", sizes)
 
   def replace(self, **kw) -> "MergeConfig":
     return dataclasses.replace(self, **kw)
@@ -143,6 +165,21 @@ class MergeConfig:
       caps = (0,) * len(self.layers) if self.mode == "fixed" else (None,) * len(self.layers)
     c = caps[self.layers.index(layer)]
     return full if c is None else min(c, full)
+
+  def packed_size(self, layer: int, batch: int, length: int, num_special: int, stage):
+    """The packed buffer's static size after block ``layer``, for a block that
+    receives ``(batch, length)`` tokens: ``stage`` (the current buffer) unless
+    the block merges; after a merge layer, its ``packed_sizes`` entry, at most
+    every slot ``batch * merged length``. ``None`` with padded execution."""
+    if self.execution != "packed" or not self.active:
+      return None
+    if layer not in self.layers:
+      return stage
+    full = batch * merged_length(length, num_special,
+                                 self.capacity(layer, length, num_special))
+    sizes = self.packed_sizes
+    size = None if sizes is None else sizes[self.layers.index(layer)]
+    return full if size is None else min(size, full)
 
   def mame_options(self, layer: int) -> dict:
     """The ``mame`` arguments this config sets in block ``layer`` besides tau,

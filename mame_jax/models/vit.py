@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mame_jax.models import packing
+
 LN_EPS = 1e-6
 # Logit given to masked keys. Finite rather than -inf so that a row whose keys are all
 # masked still has a finite (uniform) softmax instead of NaN; in float32,
@@ -425,6 +427,11 @@ class MultiHeadDotProductAttention(nn.Module):
   ``dtype_mm`` is. ``implementation``, ``bias_mode`` and ``mask_is_prefix`` choose
   the kernel (``ATTENTION_IMPLS``, ``ATTENTION_BIAS``, :func:`fused_attention`);
   they change no parameter and, beyond rounding, no value.
+
+  ``pack=(idx, (B, L))`` (packed execution, :mod:`mame_jax.models.packing`): the
+  inputs are the flat real tokens ``(T, D)`` at ``idx``; the projections run on
+  them, attention on the padded ``(B, L)`` layout, and ``out`` is ``(T, D)``
+  again (``keys`` stays ``(B, L, head_dim)``).
   """
 
   num_heads: int
@@ -441,7 +448,7 @@ class MultiHeadDotProductAttention(nn.Module):
   cls_row: bool = False
 
   @nn.compact
-  def __call__(self, inputs_q, inputs_kv, token_mask=None, bias=None):
+  def __call__(self, inputs_q, inputs_kv, token_mask=None, bias=None, pack=None):
     _check_choice(self.implementation, ATTENTION_IMPLS, "attention")
     _check_choice(self.bias_mode, ATTENTION_BIAS, "attention_bias")
     d = inputs_kv.shape[-1]
@@ -455,12 +462,17 @@ class MultiHeadDotProductAttention(nn.Module):
     q = dense(heads, axis=-1, name="query")(inputs_q)  # (B, Q, H, hd)
     k = dense(heads, axis=-1, name="key", use_bias=self.use_key_bias)(inputs_kv)  # (B, L, H, hd)
     v = dense(heads, axis=-1, name="value")(inputs_kv)  # (B, L, H, hd)
+    if pack is not None:  # flat real tokens -> the padded layout attention runs on
+      idx, batch_length = pack
+      q, k, v = (packing.scatter(t, idx, batch_length) for t in (q, k, v))
     if self.implementation == "manual":
       y = manual_attention(q, k, v, token_mask, bias, causal=self.causal)
     else:
       y = fused_attention(q, k, v, token_mask, bias, implementation=self.implementation,
                           bias_mode=self.bias_mode, mask_is_prefix=self.mask_is_prefix,
                           causal=self.causal)
+    if pack is not None:
+      y = packing.gather(y, pack[0])
     out = dense(inputs_q.shape[-1], axis=(-2, -1), name="out")(y)
     if self.cls_row:
       return out, jnp.mean(k, axis=-2), class_attention(q[:, 0], k, token_mask, bias)
@@ -487,6 +499,12 @@ class Encoder1DBlock(nn.Module):
   (ToMe's proportional attention). With ``layer_scale`` each branch's output is
   multiplied by a learned per-channel gain before its residual add
   (``LayerScale_0`` after attention, ``LayerScale_1`` after the MLP: DINOv2).
+
+  ``pack=(T_in, T_out)``: packed execution (:mod:`mame_jax.models.packing`) --
+  the LayerNorms, projections, MLP and residual adds run on the real tokens
+  gathered into a flat buffer of ``T_in`` slots before the merge hook and
+  ``T_out`` after it (``None``: that part runs padded); the block's input and
+  output stay ``(B, L, D)``, zero at padded positions.
   """
 
   mlp_dim: Optional[int] = None
@@ -509,10 +527,15 @@ class Encoder1DBlock(nn.Module):
   layer_scale: bool = False  # DINOv2's LayerScale on both branches
 
   @nn.compact
-  def __call__(self, x, token_mask=None, size=None, deterministic=True):
+  def __call__(self, x, token_mask=None, size=None, deterministic=True, pack=(None, None)):
     out = {}
     prop_attn = self.prop_attn or getattr(self.merge, "prop_attn", False)
     bias = jnp.log(size) if (prop_attn and size is not None) else None
+    pack_in, pack_out = pack
+    idx = None
+    if pack_in is not None and token_mask is not None:
+      idx = packing.index(token_mask, pack_in)
+      batch_length, x = x.shape[:2], packing.gather(x, idx)
     # LayerNorm statistics are float32 in any dtype (flax); its output is self.dtype.
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype)(x)
     cls_row = needs_cls_attention(self.merge, self.layer)
@@ -520,12 +543,15 @@ class Encoder1DBlock(nn.Module):
         self.num_heads, self.dtype_mm, implementation=self.attention,
         bias_mode=self.attention_bias, mask_is_prefix=self.mask_is_prefix,
         use_key_bias=self.use_key_bias, causal=self.causal, cls_row=cls_row)(
-            y, y, token_mask=token_mask, bias=bias)
+            y, y, token_mask=token_mask, bias=bias,
+            pack=None if idx is None else (idx, batch_length))
     if self.layer_scale:
       y = LayerScale()(y)
-    out["sa"] = y
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
-    x = out["+sa"] = (x + y).astype(jnp.promote_types(x.dtype, self.dtype))
+    x = (x + y).astype(jnp.promote_types(x.dtype, self.dtype))
+    if idx is not None:  # back to (B, L, D) for the merge and the next block
+      x, y = packing.scatter(x, idx, batch_length), packing.scatter(y, idx, batch_length)
+    out["sa"], out["+sa"] = y, x
 
     # ------------------- MERGE HOOK (eq. 15: x = MaMe(x)) -------------------
     x, token_mask, size, out["merge"] = merge_hook(
@@ -533,15 +559,22 @@ class Encoder1DBlock(nn.Module):
         cls_attn[0] if cls_attn else None)
     # ------------------------------------------------------------------------
 
+    idx = None
+    if pack_out is not None and token_mask is not None:
+      idx = packing.index(token_mask, pack_out)
+      batch_length, x = x.shape[:2], packing.gather(x, idx)
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype)(x)
-    y = out["mlp"] = MlpBlock(
+    y = MlpBlock(
         mlp_dim=self.mlp_dim, dropout=self.dropout, dtype_mm=self.dtype_mm,
         gelu_approximate=self.gelu_approximate, dtype=self.dtype,
         activation=self.activation)(y, deterministic)
     if self.layer_scale:
-      y = out["mlp"] = LayerScale()(y)
+      y = LayerScale()(y)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
-    x = out["+mlp"] = (x + y).astype(jnp.promote_types(x.dtype, self.dtype))
+    x = (x + y).astype(jnp.promote_types(x.dtype, self.dtype))
+    if idx is not None:
+      x, y = packing.scatter(x, idx, batch_length), packing.scatter(y, idx, batch_length)
+    out["mlp"], out["+mlp"] = y, x
     return x, token_mask, size, out
 
 
@@ -622,12 +655,17 @@ class Encoder(nn.Module):
       counts = [_real_tokens(x, token_mask)] * self.depth
     else:
       counts = []
+      stage = None  # the packed buffer's size since the last merge (None: padded)
+      packed_size = getattr(self.merge, "packed_size", None)
       for i in range(self.depth):
         block = Encoder1DBlock(
             name=f"encoderblock_{i}", merge=self.merge, layer=i,
             num_special=self.num_special, **block_kw)
+        pack_in = stage
+        if packed_size is not None:
+          stage = packed_size(i, x.shape[0], x.shape[1], self.num_special, stage)
         x, token_mask, size, out[f"block{i:02d}"] = block(
-            x, token_mask, size, deterministic)
+            x, token_mask, size, deterministic, pack=(pack_in, stage))
         counts.append(_real_tokens(x, token_mask))
     out["pre_ln"] = x
     out["tokens_per_block"] = jnp.stack(counts, axis=1)
