@@ -38,6 +38,11 @@ PARTITIONS = ("alternating", "sequential", "random")
 # preserved in any sample is preserved in every sample, jnp.any over the batch),
 # or "sample" (each sample its own, eqs. 1-10 applied to it alone).
 PRESERVE = ("batch", "sample")
+# What happens to a sample's preserved sources beyond the capacity: "drop" them
+# (counted in info.dropped) or "merge" them (the static budget: the least unique
+# -- highest best similarity -- go into their most similar destination, counted
+# in info.forced).
+SURPLUS = ("drop", "merge")
 SIMILARITIES = ("cosine", "dot")
 
 
@@ -54,6 +59,9 @@ class MergeInfo:
       capacity needed to drop nothing). Equals ``preserved.sum()`` without padding.
     overflow: () bool, ``num_preserved > capacity``: preserved tokens were dropped.
     dropped: (B,) int32, preserved tokens dropped per sample (0 unless overflow).
+    forced: (B,) int32, preserved sources merged into their most similar
+      destination because the sample had more than the capacity
+      (``surplus="merge"``, the static budget; 0 otherwise).
     token_mask: (B, L_out) bool, the real output tokens (a prefix of each row).
     input_mask: (B, L) bool, the real input tokens.
     source: (B, L_out) int32, pool index each output token comes from (0 for
@@ -69,6 +77,7 @@ class MergeInfo:
   num_preserved: jax.Array
   overflow: jax.Array
   dropped: jax.Array
+  forced: jax.Array
   token_mask: jax.Array
   input_mask: jax.Array
   source: jax.Array
@@ -142,7 +151,7 @@ def _check_mask(token_mask, b, l):
 
 
 def check_merge_args(x, tau, num_special, eps, capacity, token_mask, partition,
-                     similarity, key, metric, preserve="batch"):
+                     similarity, key, metric, preserve="batch", surplus="drop"):
   """Validates ``mame``'s arguments; returns ``(B, L, D)``."""
   b, l, _ = check_tokens(x)
   _check_tau(tau)
@@ -164,6 +173,12 @@ def check_merge_args(x, tau, num_special, eps, capacity, token_mask, partition,
     raise ValueError(f"similarity must be one of {SIMILARITIES}; got {similarity!r}")
   if preserve not in PRESERVE:
     raise ValueError(f"preserve must be one of {PRESERVE}; got {preserve!r}")
+  if surplus not in SURPLUS:
+    raise ValueError(f"surplus must be one of {SURPLUS}; got {surplus!r}")
+  if surplus == "merge" and (capacity is None or preserve != "sample"):
+    raise ValueError("surplus='merge' (the static budget) needs a capacity and "
+                     "preserve='sample': each sample keeps at most `capacity` of its own "
+                     "preserved sources")
   if metric is not None:
     mb, ml, _ = check_tokens(metric, "metric")
     if (mb, ml) != (b, l):
@@ -292,7 +307,7 @@ def fusion_weights(s, tau, eps=1e-6, pair_mask=None):
 
 def mame(x, tau, *, num_special=0, eps=1e-6, capacity=None, token_mask=None,
          partition="alternating", similarity="cosine", causal=False, key=None,
-         metric=None, preserve="batch") -> tuple[jax.Array, MergeInfo]:
+         metric=None, preserve="batch", surplus="drop") -> tuple[jax.Array, MergeInfo]:
   """Matrix-based token merging (Algorithm 1, eqs. 1-10).
 
   Args:
@@ -322,32 +337,39 @@ def mame(x, tau, *, num_special=0, eps=1e-6, capacity=None, token_mask=None,
       sample keeps its own preserved sources: its real outputs are those of the
       batch of one holding it, whatever its batch mates, and the rows are padded
       to the batch's largest count).
+    surplus: what becomes of a sample's preserved sources beyond ``capacity``:
+      "drop" (default; counted in ``info.dropped``) or "merge" (a static budget
+      that drops nothing; needs ``preserve="sample"``): the sample keeps the
+      ``capacity`` most unique of them (lowest best similarity to a destination)
+      and each other one goes whole into its most similar destination (a fusion
+      weight of 1 in eq. 9), counted in ``info.forced``. A sample within its
+      capacity gets exactly eqs. 1-10.
 
   Returns:
     ``(y, info)``: ``y`` (B, num_special + M + c, D) in ``x.dtype`` and the
     :class:`MergeInfo` record.
   """
   check_merge_args(x, tau, num_special, eps, capacity, token_mask, partition,
-                   similarity, key, metric, preserve)
+                   similarity, key, metric, preserve, surplus)
   n_src = (x.shape[1] - num_special + 1) // 2
   if capacity is not None:
     return _mame(x, tau, num_special, eps, capacity, token_mask, partition,
-                 similarity, causal, key, metric, preserve)
+                 similarity, causal, key, metric, preserve, surplus)
   if is_traced(x, tau, token_mask, metric, key):
     raise ValueError(
         "mame(capacity=None) computes the exact, data-dependent output length and "
         "cannot run under jit/vmap/grad tracing: pass a static capacity=c (see "
         "mame_jax.buckets) and read info.token_mask / info.overflow")
   y, info = _mame(x, tau, num_special, eps, n_src, token_mask, partition,
-                  similarity, causal, key, metric, preserve)
+                  similarity, causal, key, metric, preserve, surplus)
   length = num_special + info.num_dst + int(info.num_preserved)
   info = info.replace(token_mask=info.token_mask[:, :length], source=info.source[:, :length])
   return y[:, :length], info
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 6, 7, 8, 11))
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 6, 7, 8, 11, 12))
 def _mame(x, tau, num_special, eps, capacity, token_mask, partition, similarity,
-          causal, key, metric, preserve):
+          causal, key, metric, preserve, surplus):
   # One compiled program per shape and option set, also for eager calls; inside
   # an outer jit this is simply inlined.
   b, l, _ = x.shape
@@ -384,6 +406,21 @@ def _mame(x, tau, num_special, eps, capacity, token_mask, partition, similarity,
     keep = preserved[None, :] & src_real                    # (B, N)
   else:
     preserved = keep = preserved_b                          # (B, N); W^F already 0 there
+  forced = jnp.zeros_like(keep)
+  need = keep.sum(-1).astype(jnp.int32)                     # (B,) preserved per sample
+  if surplus == "merge":
+    # The static budget: keep the `capacity` most unique preserved sources (the
+    # lowest best similarity to a real destination); each other one goes whole
+    # into its most similar destination.
+    s_real = jnp.where(dst_real[:, :, None], s, -jnp.inf)   # (B, M, N)
+    best = jnp.max(s_real, axis=1)                          # (B, N)
+    order = jnp.argsort(jnp.where(keep, best, jnp.inf), axis=-1, stable=True)
+    rank = jnp.argsort(order, axis=-1)
+    # (a sample with no real destination has nowhere to put them: dropped then)
+    forced = keep & (rank >= capacity) & dst_real.any(-1, keepdims=True)
+    keep = keep & ~forced
+    to = jax.nn.one_hot(jnp.argmax(s_real, axis=1), m_dst, axis=1, dtype=dtype)  # (B, M, N)
+    fusion = fusion + to * forced[:, None, :].astype(dtype)
 
   # (9) fuse the sources into the destinations.
   fused = (x_dst + fusion @ x_src) / (1 + fusion.sum(-1, keepdims=True))
@@ -417,11 +454,12 @@ def _mame(x, tau, num_special, eps, capacity, token_mask, partition, similarity,
   position = jnp.concatenate([jnp.broadcast_to(jnp.arange(ns), (b, ns)), dst_position,
                               src_position], axis=1).astype(jnp.int32)
 
-  num_preserved = jnp.max(num_kept).astype(jnp.int32)
+  num_preserved = jnp.max(need).astype(jnp.int32)
   info = MergeInfo(
       fusion=fusion, preserved=preserved, num_preserved=num_preserved,
-      overflow=num_preserved > capacity,
+      overflow=jnp.max(num_kept) > capacity,
       dropped=jnp.maximum(num_kept - capacity, 0).astype(jnp.int32),
+      forced=forced.sum(-1).astype(jnp.int32),
       token_mask=out_mask, input_mask=input_mask, source=source.astype(jnp.int32),
       origin=origin, position=position, num_special=ns)
   return y.astype(x.dtype), info

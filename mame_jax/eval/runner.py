@@ -12,6 +12,9 @@ capacity per merge layer). The model's ``merge`` config says how:
   after a few batches; every schedule's program is cached (``num_programs``).
 * ``mode="fixed"``: the config's capacities, once; dropped tokens are counted in
   ``aux["dropped"]``.
+* ``mode="budget"``: the config's capacities, once; nothing is dropped: an
+  image's surplus preserved sources merge into their most similar destinations,
+  counted in ``aux["forced"]``.
 
 With ``execution="packed"`` exact mode also sizes the flat buffers the blocks
 after each merge layer run on (:mod:`mame_jax.models.packing`): the first batch
@@ -232,6 +235,7 @@ def _summarise(cfg, aux):
   aux["num_preserved"] = _host(aux["num_preserved"]).astype(np.int64)
   aux["overflow"] = _host(aux["overflow"]).astype(bool)
   aux["dropped"] = _host(aux["dropped"])
+  aux["forced"] = _host(aux["forced"])
   return aux
 
 

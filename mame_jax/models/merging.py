@@ -41,7 +41,7 @@ from mame_jax.merge import (PARTITIONS, PRESERVE, SIMILARITIES, is_traced, mame,
 
 DEFAULT_TAU = 0.8        # the paper's training-free threshold
 DEFAULT_NUM_LAYERS = 8   # ... in the first 8 blocks
-MODES = ("exact", "fixed")
+MODES = ("exact", "fixed", "budget")
 # How the blocks after a merge run: on the padded (B, L) layout, or with their
 # token-wise layers on the real tokens only (mame_jax.models.packing).
 EXECUTIONS = ("padded", "packed")
@@ -66,7 +66,13 @@ class MergeConfig:
       it overflows: no preserved token is ever dropped) or "fixed" (the given
       capacities; overflowing preserved tokens are dropped and counted). With
       ``mode="fixed"`` and no capacities every layer gets capacity 0: each merge
-      halves the tokens (2:1), the paper's from-scratch training setting.
+      halves the tokens (2:1), the paper's from-scratch training setting. Or
+      "budget": a static budget that drops nothing -- one program, the given
+      ``capacities`` (required), ``preserve="sample"`` (required: batch
+      invariant); an image with more preserved sources than its layer's capacity
+      merges the least unique of the surplus (highest best similarity) into
+      their most similar destinations (``info.forced`` counts them), an image
+      within it gets exactly eqs. 1-10.
     metric: merge on the "tokens" themselves (default) or the attention "keys"
       (averaged over heads).
     partition, similarity, causal, eps: as in :func:`mame_jax.mame`.
@@ -122,6 +128,13 @@ class MergeConfig:
         raise ValueError(f"MergeConfig.{name} must be one of {allowed}; got {value!r}")
     if self.bucket_step < 1:
       raise ValueError(f"MergeConfig.bucket_step must be >= 1; got {self.bucket_step}")
+    if self.mode == "budget" and (self.capacities is None or None in self.capacities):
+      raise ValueError("MergeConfig(mode='budget') needs capacities: one static number of "
+                       f"preserved tokens per merge layer ({len(self.layers)}); got "
+                       f"{self.capacities!r}")
+    if self.mode == "budget" and self.preserve != "sample":
+      raise ValueError("MergeConfig(mode='budget') needs preserve='sample': each image "
+                       "spends its own budget, whatever its batch mates")
     if self.packed_sizes is not None:
       sizes = tuple(None if t is None else int(t) for t in self.packed_sizes)
       if len(sizes) != len(self.layers) or any(t is not None and t < 1 for t in sizes):
@@ -188,7 +201,8 @@ class MergeConfig:
     key = (jax.random.fold_in(jax.random.key(self.seed), layer)
            if self.partition == "random" else None)
     return dict(eps=self.eps, partition=self.partition, similarity=self.similarity,
-                causal=self.causal, key=key, preserve=self.preserve)
+                causal=self.causal, key=key, preserve=self.preserve,
+                surplus="merge" if self.mode == "budget" else "drop")
 
   def __call__(self, x, token_mask, size, keys, *, layer, num_special=0):
     """Block hook: ``x (B, L, D) -> (B, num_special + M + c, D)`` in merge layers."""
@@ -498,15 +512,17 @@ def merge_records(aux: dict) -> list[dict]:
 def merge_counts(cfg, aux: dict) -> dict:
   """What exact mode needs from a forward, read from its ``aux`` (inside a
   jitted program, so that the merge records themselves need not be outputs):
-  per merge layer ``num_preserved`` (layers,), ``overflow`` (layers,) and
-  ``dropped`` (B, layers). Empty unless ``cfg`` is an active ``MergeConfig``."""
+  per merge layer ``num_preserved`` (layers,), ``overflow`` (layers,),
+  ``dropped`` (B, layers) and ``forced`` (B, layers: budget mode's forced merges).
+  Empty unless ``cfg`` is an active ``MergeConfig``."""
   if not isinstance(cfg, MergeConfig) or not cfg.active:
     return {}
   records = merge_records(aux)
   infos = [records[l]["info"] for l in cfg.layers]
   return {"num_preserved": jnp.stack([i.num_preserved for i in infos]),
           "overflow": jnp.stack([i.overflow for i in infos]),
-          "dropped": jnp.stack([i.dropped for i in infos], axis=1)}
+          "dropped": jnp.stack([i.dropped for i in infos], axis=1),
+          "forced": jnp.stack([i.forced for i in infos], axis=1)}
 
 
 def default_layers(depth: int) -> tuple:
