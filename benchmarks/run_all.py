@@ -8,6 +8,8 @@
 Each table is produced by its own script (``benchmarks/merge_op.py``,
 ``benchmarks/vit_throughput.py``), saved as JSON under ``results/``, and
 rendered here with its command, device and date. Nothing is typed in by hand.
+The page opens with the real backbone (``benchmarks/real_backbone.py``, its
+committed JSON); the other scripts' sections follow.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import sys
 
 import jax
 
-from benchmarks import (baselines, digits, dit_digits, generation, merge_op, siglip_throughput,
-                        train_step, video_throughput, vision_tokens_throughput, vit_throughput)
+from benchmarks import (baselines, digits, dit_digits, generation, merge_op, real_backbone,
+                        siglip_throughput, train_step, video_throughput, vision_tokens_throughput,
+                        vit_throughput)
 from mame_jax.eval.timing import format_table
 
 OP_COLUMNS = ["B", "L", "D", "r", "capacity", "mame_ms", "attention_ms", "mame/attn",
@@ -41,6 +44,10 @@ def render(op: dict, vit: dict, command: str, render_only: bool = False) -> str:
       "arguments that produced it. Timings: compile first, then the median of timed",
       "runs, each ending in `block_until_ready` (`mame_jax/eval/timing.py`); GFLOPs from",
       "XLA's cost analysis (2 FLOPs per multiply-add, so about twice fvcore's figures).",
+  ]
+  # The real backbone comes first: the other sections time random weights.
+  lines += real_backbone.section()
+  lines += [
       "",
       "## The merge op beside one self-attention",
       "",

@@ -16,9 +16,9 @@ capacity per merge layer). The model's ``merge`` config says how:
   image's surplus preserved sources merge into their most similar destinations,
   counted in ``aux["forced"]``.
 
-With ``execution="packed"`` exact mode also sizes the flat buffers the blocks
-after each merge layer run on (:mod:`mame_jax.models.packing`): the first batch
-runs with every slot (nothing can be lost), and its real-token totals, rounded
+With ``execution="packed"`` the runner (in every mode) also sizes the flat
+buffers the blocks after each merge layer run on (:mod:`mame_jax.models.packing`):
+the first batch runs with every slot (nothing can be lost), and its real-token totals, rounded
 up to a bucket (``packed_buckets``), become the buffers of later batches; a
 batch whose real tokens exceed a buffer is run again with it grown. Like the
 capacities, the buffers only grow. ``aux["packed_sizes"]`` says which ran.
@@ -151,53 +151,53 @@ class Runner:
     ``self.records``) also the model's whole ``aux``."""
     check_images(self.model, self.params, images)  # before tracing: clear errors
     images = jnp.asarray(images)
-    if not self.exact:
+    packed = isinstance(self.cfg, MergeConfig) and self.cfg.execution == "packed"
+    if not (self.exact or packed):
       out, aux = self.program(None, images.shape, records)(self.params, images)
       return out, _summarise(self.cfg, aux)
     length, ns = sequence_lengths(self.model, images.shape[1:-1])  # (H, W) / (T, H, W)
-    if self.schedule is None:
+    if self.exact and self.schedule is None:
       self.schedule = self._initial_schedule(length, ns)
     while True:
       out, aux = self.program(self.schedule, images.shape, records, self.packed)(
           self.params, images)
       aux = _summarise(self.cfg, aux)
-      over = np.asarray(aux["overflow"])
-      if not over.any():
+      over = np.asarray(aux["overflow"]) if self.exact else np.zeros(0, bool)
+      if over.any():
+        # Grow every overflowing layer to the bucket holding what it needed. Later
+        # layers saw truncated inputs, so they may overflow again next round; the
+        # schedule only grows, so this ends (at worst at full capacity).
+        need = np.asarray(aux["num_preserved"])
+        caps = list(self.schedule)
+        for i in range(len(caps)):
+          if over[i]:
+            buckets = self._buckets(tuple(caps), length, ns)[i]
+            caps[i] = bucket_for(min(int(need[i]), buckets[-1]), buckets)
+        self.schedule = tuple(caps)
+        self.reruns += 1
+        continue
+      if packed:
         batch, ran = images.shape[0], self.packed
         self.packed = self._packed_after(aux, batch, length, ns)
-        if self.packed is not None:
-          ran = ran or self._full(batch, length, ns)
-          totals = np.asarray(aux["tokens_per_block"]).sum(0)[list(self.cfg.layers)]
-          if (totals > np.asarray(ran)).any():  # a buffer lost tokens: run again
-            self.reruns += 1
-            continue
-          aux["packed_sizes"] = ran
+        ran = ran or self._full(batch, length, ns)
+        totals = np.asarray(aux["tokens_per_block"]).sum(0)[list(self.cfg.layers)]
+        if (totals > np.asarray(ran)).any():  # a buffer lost tokens: run again
+          self.reruns += 1
+          continue
+        aux["packed_sizes"] = ran
+      if self.exact:
         aux["capacities"] = self.schedule
-        return out, aux
-      # Grow every overflowing layer to the bucket holding what it needed. Later
-      # layers saw truncated inputs, so they may overflow again next round; the
-      # schedule only grows, so this ends (at worst at full capacity).
-      need = np.asarray(aux["num_preserved"])
-      caps = list(self.schedule)
-      for i in range(len(caps)):
-        if over[i]:
-          buckets = self._buckets(tuple(caps), length, ns)[i]
-          caps[i] = bucket_for(min(int(need[i]), buckets[-1]), buckets)
-      self.schedule = tuple(caps)
-      self.reruns += 1
+      return out, aux
 
   def _full(self, batch, length, ns) -> tuple:
     """Every slot after each merge layer: ``batch * merged length``."""
-    cfg = self.cfg.replace(capacities=self.schedule)
+    cfg = self.cfg if self.schedule is None else self.cfg.replace(capacities=self.schedule)
     lengths = layer_lengths(cfg, self.model.depth + 1, length, ns)
     return tuple(batch * lengths[l + 1] for l in cfg.layers)
 
-  def _packed_after(self, aux, batch, length, ns) -> Optional[tuple]:
+  def _packed_after(self, aux, batch, length, ns) -> tuple:
     """The packed buffers for the next run: each merge layer's real-token total
-    rounded up to its bucket, never below the buffer it has (``None`` without
-    packed execution)."""
-    if self.cfg.execution != "packed":
-      return None
+    rounded up to its bucket, never below the buffer it has."""
     totals = np.asarray(aux["tokens_per_block"]).sum(0)
     sizes = []
     for i, (layer, full) in enumerate(zip(self.cfg.layers, self._full(batch, length, ns))):
