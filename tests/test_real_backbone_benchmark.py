@@ -87,10 +87,12 @@ def run_json(weights="real", batches=(1, 8), platform="cpu"):
                 tokens_per_layer=tokens, padded_per_layer=[round(t) for t in tokens],
                 cls_cosine_mean=cls, cls_cosine_min=cls, patch_cosine_mean=patch,
                 patch_cosine_min=patch, **kw)
-  mame = row("mame(0.8)", 14.0, 5.0, [200.0, 120.0], 0.97, 0.95, tau=0.8)
+  mame = row("mame(0.8) paper", 14.0, 5.0, [200.0, 120.0], 0.97, 0.95, tau=0.8,
+             variant="paper")
   mame["padded_per_layer"] = [209, 129]
   rows = [row("baseline", 10.0, 9.0, [257.0, 257.0], 1.0, 1.0), mame,
-          row("tome(r=60)", 15.0, 4.8, [197.0, 137.0], 0.98, 0.93, r=60, matches_tau=[0.8])]
+          row("tome(r=60)", 15.0, 4.8, [197.0, 137.0], 0.98, 0.93, r=60, matches_tau=[0.8],
+              matches=["mame(0.8) paper"])]
   return dict(device="cpu: cpu x1 (2 cores), jax 0.10.2", platform=platform,
               date="2026-12-07", dtype="float32", batches=list(batches), weights=weights,
               model=bench.REAL if weights == "real" else "random",
@@ -108,13 +110,15 @@ def test_section_renders_a_run_and_says_whether_its_weights_are_real(tmp_path):
   assert "cpu x1 (2 cores)" in text and "2026-12-07" in text
   assert f"Weights: real -- the trained checkpoint `{bench.REAL}`" in text
   assert "Weights: random" not in text
-  assert "| mame(0.8) " in text and "| tome(r=60) " in text and "| baseline " in text
-  assert "- batch 1 mame(0.8): [200.0, 120.0] (padded [209, 129])" in text
+  assert "| mame(0.8) paper " in text and "| tome(r=60) " in text and "| baseline " in text
+  assert "- batch 1 mame(0.8) paper: [200.0, 120.0] (padded [209, 129])" in text
   assert "- batch 1 tome(r=60): [197.0, 137.0]\n" in text + "\n"  # no padding: said once
   assert "batch 64: not measured" in text and "batch 8: not measured" not in text
   assert "batch 256 in bf16 on a GPU: not measured" in text
-  assert "mame(0.8): 14.00 img/s, below its GFLOPs-matched tome(r=60)" in text
-  assert "mame(0.8): cls_cosine_mean 0.9700, below" in text
+  assert "mame(0.8) paper: 14.00 img/s, below its GFLOPs-matched tome(r=60)" in text
+  assert "mame(0.8) paper: cls_cosine_mean 0.9700, below" in text
+  # The targets, each with its figure (measured 1.40x against an ideal 1.80x).
+  assert "measured / ideal >= 0.85: missed by batch 1 mame(0.8) paper (0.78)" in text
   assert "patch_cosine_mean 0.9500, below" not in text  # ahead of ToMe there
   # The random stand-in says so, plainly.
   path.write_text(json.dumps(run_json("random")))
@@ -134,7 +138,7 @@ def test_section_adds_a_gpu_run(tmp_path):
   text = "\n".join(bench.section(path, gpu_path))
   assert "On a GPU: `python -m benchmarks.real_backbone --batches 256 --dtype bfloat16`" in text
   assert "NVIDIA H100" in text and "on a GPU: not measured" not in text
-  assert "not measured in this run" not in text and "- GPU batch 1 mame(0.8)" in text
+  assert "not measured in this run" not in text and "- GPU batch 1 mame(0.8) paper" in text
 
 
 def test_benchmarks_md_opens_with_the_real_backbone(tmp_path, monkeypatch):

@@ -767,6 +767,20 @@ def transformers_files(folder, family: str = "transformers",
   return config, weights
 
 
+def folder_model_type(folder) -> Optional[str]:
+  """The ``model_type`` of a transformers folder's ``config.json``; ``None`` when
+  there is no readable one (how the loader tells CLIP, DINOv2 and VideoMAE
+  folders apart)."""
+  import pathlib  # pylint: disable=import-outside-toplevel
+  path = pathlib.Path(folder) / TRANSFORMERS_CONFIG
+  if not path.is_file():
+    return None
+  try:
+    return read_json(path).get("model_type")
+  except ValueError:
+    return None
+
+
 def read_json(path) -> dict:
   """A JSON object file (``config.json``) as a dict; ``ValueError`` naming the file
   if it is no JSON object."""

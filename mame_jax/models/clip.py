@@ -125,13 +125,7 @@ def read_config(path) -> dict:
 
 def is_clip_folder(folder) -> bool:
   """Whether ``folder`` holds a ``config.json`` of a CLIP model."""
-  path = pathlib.Path(folder) / checkpoints.TRANSFORMERS_CONFIG
-  if not path.is_file():
-    return False
-  try:
-    return checkpoints.read_json(path).get("model_type") in MODEL_TYPES
-  except ValueError:
-    return False
+  return checkpoints.folder_model_type(folder) in MODEL_TYPES
 
 
 def _tower_configs(config: Mapping) -> tuple[dict, dict]:

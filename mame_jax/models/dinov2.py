@@ -146,13 +146,7 @@ def check_config(config: Mapping, source="config.json") -> None:
 
 def is_dinov2_folder(folder) -> bool:
   """Whether ``folder`` holds a ``config.json`` of a DINOv2 model."""
-  path = pathlib.Path(folder) / checkpoints.TRANSFORMERS_CONFIG
-  if not path.is_file():
-    return False
-  try:
-    return checkpoints.read_json(path).get("model_type") in MODEL_TYPES
-  except ValueError:
-    return False
+  return checkpoints.folder_model_type(folder) in MODEL_TYPES
 
 
 def _strip(state: Mapping) -> dict:
