@@ -230,12 +230,15 @@ def budget_capacities(tokens, length, ns, layers) -> tuple:
 
 
 def bench_batch(model, params, images, taus=TAUS, runs: int = 5, warmup: int = 1,
-                variants=tuple(VARIANTS)) -> list:
+                variants=tuple(VARIANTS), every_variant_at=None) -> list:
   """One batch size: the baseline, MaMe at each tau in each of ``variants``
   (:data:`VARIANTS`) and ToMe at each MaMe row's GFLOPs, timed interleaved; each
   row with its tokens per block (real and padded) and its fidelity to the
   baseline (:func:`fidelity`). ``"budget+packed"`` takes its capacities from the
-  ``"sample"`` row before it (:func:`budget_capacities`)."""
+  ``"sample"`` row before it (:func:`budget_capacities`). ``every_variant_at``:
+  the taus that get every variant; the others only ``paper`` and
+  ``sample+packed`` (each variant compiles its own programs: this bounds the
+  CPU run's time). ``None``: every tau gets every variant."""
   batch, depth = images.shape[0], model.depth
   length, ns = sequence_lengths(model, images.shape[1:3])
   images = jnp.asarray(images)
@@ -250,6 +253,9 @@ def bench_batch(model, params, images, taus=TAUS, runs: int = 5, warmup: int = 1
   for tau in taus:
     need = None  # each image's own preserved count per merge layer (sample rule)
     for variant in variants:
+      if every_variant_at is not None and tau not in every_variant_at \
+          and variant not in ("paper", "sample+packed"):
+        continue
       fields = dict(VARIANTS[variant])
       if fields.get("mode") == "budget":
         if need is None:
@@ -263,13 +269,13 @@ def bench_batch(model, params, images, taus=TAUS, runs: int = 5, warmup: int = 1
         _, aux = runner(images)  # the first call ran every slot; this one the buffers
       if fields.get("preserve") == "sample" and "mode" not in fields:
         need = np.asarray(aux["tokens_per_block"])
-      program = runner.program(runner.schedule, images.shape, packed=runner.packed)
+      program = runner.served(images.shape)
       fn = jax.jit(lambda p, x, program=program: program(p, x)[0])
       name = f"mame({tau:g}) {variant}"
       ratios[name], taus_of[name] = timing.gflops(fn, params, images) / batch / base_gflops, tau
       cfg = runner.cfg.replace(capacities=runner.schedule or runner.cfg.capacities)
       padded = layer_lengths(cfg, depth + 1, length, ns)[1:]
-      records = runner.program(runner.schedule, images.shape, records=True, packed=runner.packed)
+      records = runner.served(images.shape, records=True)
       methods.append((name, fn, dict(
           tau=tau, variant=variant, merge_fields=fields, merge_layers=list(layers),
           capacities=list(runner.schedule or fields.get("capacities") or ()),
@@ -311,6 +317,9 @@ def main(argv=None):
   parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                       help="how MaMe runs (preserve / execution / mode); budget+packed "
                       "needs sample before it")
+  parser.add_argument("--every-variant-at", type=float, nargs="*", default=[0.8],
+                      help="taus that run every variant; the others run paper and "
+                      "sample+packed only (default 0.8; give none for every tau)")
   parser.add_argument("--image-size", type=int, default=224)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--runs", type=int, default=5)
@@ -330,7 +339,7 @@ def main(argv=None):
   for batch in args.batches:
     images = photo_crops(batch, args.image_size, args.seed)
     rows += bench_batch(model, params, images, args.taus, args.runs, args.warmup,
-                        args.variants)
+                        args.variants, args.every_variant_at or None)
   print()
   print(timing.format_table(display(rows), COLUMNS))
   for row in rows:

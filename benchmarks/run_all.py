@@ -53,6 +53,8 @@ def render(op: dict, vit: dict, command: str, render_only: bool = False) -> str:
       "",
       f"`{op['command']}` -- {op['device']}, {op['dtype']}, {op['date']}",
       "",
+      "Random tokens and random attention weights: the cost of the op at each size.",
+      "",
       format_table(op["rows"], OP_COLUMNS),
       "",
       f"Compilations over {sweep['inputs']} inputs (B={sweep['B']}, L={sweep['L']}, "
@@ -67,6 +69,9 @@ def render(op: dict, vit: dict, command: str, render_only: bool = False) -> str:
       "",
       f"`{vit['command']}` -- {vit['device']}, batch {vit['batch']}, {vit['dtype']}, "
       f"{vit['date']}",
+      "",
+      "Random weights (randomly initialised ViTs): the cost of each token count is real, "
+      "the token counts are not a trained model's -- the first section has those.",
       "",
       format_table(vit["rows"], VIT_COLUMNS),
       "",
@@ -139,7 +144,9 @@ def generation_section() -> list[str]:
          "block; tokens from photographs (8 x 8 patches, randomly projected; see",
          "`benchmarks/generation.py`). `tokens_attended`: the static length attention",
          "runs on; `tokens_real`: the real tokens among them; `dropped`: preserved",
-         "tokens the fixed capacities dropped.", ""]
+         "tokens the fixed capacities dropped. Random weights (a randomly initialised",
+         "stack): the cost of each token count is real, the counts are not a trained",
+         "model's.", ""]
   for path in files:
     run = json.loads(path.read_text())
     device = run["device"]["description"]

@@ -16,7 +16,9 @@ one file can describe a model, its merge and its data once for every command:
   proportional attention and a plain mean pool, or ``"mae"``, as ToMe's MAE
   patch: no proportional attention and a size-weighted global pool),
   ``preserve`` (MaMe's preservation rule: ``"batch"``, the paper's batch-wide
-  mask, or ``"sample"``, every image its own), ...
+  mask, or ``"sample"``, every image its own), ``execution`` (``"padded"`` or
+  ``"packed"``: the blocks after a merge on the real tokens only),
+  ``bucket_step`` (exact mode's capacity buckets), ...
 * ``input``: ``data``, ``split``, ``data_dir``, ``label_map``, ``batch_size``,
   ``limit`` (``None``: every image).
 * ``zeroshot`` (eval): zero-shot classification with a SigLIP two-tower
@@ -82,6 +84,17 @@ def parse_config_arg(arg: Optional[str], **defaults) -> ml_collections.ConfigDic
   return holder.value
 
 
+# MergeConfig fields a config's ``merge`` part may set for the MaMe rows.
+MAME_FIELDS = ("preserve", "execution", "bucket_step")
+
+
+def mame_fields(merge_part) -> dict:
+  """The ``MergeConfig`` fields a ``merge`` part sets for its MaMe rows
+  (:data:`MAME_FIELDS` that it has), e.g. ``{"preserve": "sample", "execution":
+  "packed", "bucket_step": 16}``."""
+  return {k: merge_part[k] for k in MAME_FIELDS if k in merge_part}
+
+
 # ----------------------------------------------------------------------------
 # The parts
 
@@ -137,6 +150,8 @@ def eval_config() -> ml_collections.ConfigDict:
       evit_layers=placeholder(str), # EViT blocks; None: EViT's own 3,6,9 (0-based)
       diffrate=(),                  # DiffRate rows, one per published MODEL@GFLOPS
       preserve="batch",             # MaMe's preserved sources: batch (paper) | sample
+      execution="padded",           # blocks after a merge: padded | packed (real tokens)
+      bucket_step=16,               # exact mode's capacities: multiples of this (or N)
   ))
   config.input = input_config()
   config.eval = ml_collections.ConfigDict(dict(

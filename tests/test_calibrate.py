@@ -81,12 +81,15 @@ def test_calibrated_tau_sits_just_below_the_known_threshold_and_meets_the_target
   model, params, x = crafted
   # Meeting this target needs at most 13 tokens after block 0, i.e. tau < b_2 = 0.4.
   target = 0.5 * (speedup_of(model, 13) + speedup_of(model, 15))
+  # Buckets of one token: the program runs the real tokens, no slack.
+  fine = mj.MergeConfig(bucket_step=1)
   result = cal.calibrate(model, params, [x], target_speedup=target, merge_layers=(0,),
-                         tol=1e-3)
+                         tol=1e-3, merge=fine)
   assert 0.4 - 2e-3 <= result.tau <= 0.4 + 1e-6
   assert result.met and result.speedup == pytest.approx(speedup_of(model, 13))
+  assert result.real_speedup == pytest.approx(result.speedup)
   assert result.tokens_per_layer == [13.0, 13.0]
-  assert result.merge == mj.MergeConfig(tau=result.tau, layers=(0,))
+  assert result.merge == fine.replace(tau=result.tau, layers=(0,))
   # The runner, with the chosen tau, keeps exactly the calibrated tokens.
   _, aux = mj.Runner(model.clone(merge=result.merge), params)(x)
   np.testing.assert_array_equal(np.asarray(aux["tokens_per_block"]), 13)
@@ -96,7 +99,8 @@ def test_a_gflops_target_is_met_in_the_units_of_the_eval_table(crafted):
   model, params, x = crafted
   plain = jax.jit(lambda p, x: model.apply({"params": p}, x))
   xla = timing.gflops(plain, params, jnp.asarray(x)) / 4
-  result = cal.calibrate(model, params, [x], target_gflops=xla / 1.2, merge_layers=(0,))
+  result = cal.calibrate(model, params, [x], target_gflops=xla / 1.2, merge_layers=(0,),
+                         merge=mj.MergeConfig(bucket_step=1))
   assert result.xla_baseline_gflops == pytest.approx(xla)
   assert result.target_speedup == pytest.approx(1.2)
   # 1.2 needs 11 tokens (1.24), so tau < b_1 = 0.25 (up to float32 rounding of the cosine).
@@ -108,12 +112,13 @@ def test_a_gflops_target_is_met_in_the_units_of_the_eval_table(crafted):
 def test_per_layer_taus_meet_the_target_and_run_like_any_merge_config(crafted):
   model, params, x = crafted
   target = 0.5 * (speedup_of(model, 13) + speedup_of(model, 15))
+  fine = mj.MergeConfig(layers=(0, 1), bucket_step=1)
   result = cal.calibrate(model, params, [x], target_speedup=target, merge_layers=(0, 1),
-                         per_layer=True)
+                         per_layer=True, merge=fine)
   assert result.met and result.speedup >= target
   assert isinstance(result.tau, tuple) and len(result.tau) == 2
   assert type(result.merge) is mj.MergeConfig
-  assert result.merge == cal.layerwise(mj.MergeConfig(layers=(0, 1)), result.tau)
+  assert result.merge == cal.layerwise(fine, result.tau)
   runner = mj.Runner(model.clone(merge=result.merge), params)
   _, aux = runner(x)
   np.testing.assert_allclose(np.asarray(aux["tokens_per_block"]).mean(0),
@@ -122,10 +127,39 @@ def test_per_layer_taus_meet_the_target_and_run_like_any_merge_config(crafted):
 
 def test_an_unreachable_target_is_a_clear_error(crafted):
   model, params, x = crafted
-  with pytest.raises(ValueError, match="cannot reach an ideal speedup of 10"):
+  with pytest.raises(ValueError, match="cannot reach a speedup of 10"):
     cal.calibrate(model, params, [x], target_speedup=10.0, merge_layers=(0,))
   with pytest.raises(ValueError, match="exactly one"):
     cal.calibrate(model, params, [x])
+
+
+def test_calibration_targets_the_program_that_runs(crafted):
+  """With the default 16-token buckets a layer of N = 8 sources runs either 0 or 8
+  preserved slots: keeping 2 real preserved tokens (13 tokens, tau just below
+  0.4) still runs all 17, so the target needs tau below b_0 = 0.1 (every source
+  merges, the 0 bucket). The promise is then what the runner's program costs."""
+  model, params, x = crafted
+  target = 0.5 * (speedup_of(model, 13) + speedup_of(model, 15))
+  result = cal.calibrate(model, params, [x], target_speedup=target, merge_layers=(0,))
+  assert result.tau < 0.1 + 1e-6 and result.met
+  runner = mj.Runner(model.clone(merge=result.merge), params)
+  _, aux = runner(x)
+  padded, paid = runner.paid_tokens(x.shape)
+  assert padded[0] == paid[0] == result.tokens_per_layer[0] == 9  # the 0 bucket: no slack
+  assert result.speedup == pytest.approx(speedup_of(model, 9))
+  # The program-blind count (real tokens) of the tau the old rule picked, 0.4,
+  # would have promised 13 tokens but run 17.
+  runner = mj.Runner(model.clone(merge=mj.MergeConfig(tau=0.39, layers=(0,))), params)
+  _, aux = runner(x)
+  padded, _ = runner.paid_tokens(x.shape)
+  assert np.asarray(aux["tokens_per_block"])[0, 0] == 13 and padded[0] == 17
+  # Packed execution pays for the real tokens in the token-wise layers.
+  packed = mj.MergeConfig(tau=0.39, layers=(0,), preserve="sample", execution="packed")
+  runner = mj.Runner(model.clone(merge=packed), params)
+  runner(x)
+  runner(x)
+  padded, paid = runner.paid_tokens(x.shape)
+  assert padded[0] == 17 and paid[0] == pytest.approx(13, abs=1)
 
 
 def test_layerwise_config_drops_layers_that_merge_nothing():
@@ -156,7 +190,8 @@ def test_cli_calibrates_on_the_first_images_and_evaluates_the_rest(crafted, tmp_
   rc = calibrate_cli.cli_main(["--checkpoint", str(ckpt), "--data", str(tmp_path / "data"),
                      "--preprocess", "siglip", "--target-speedup", "1.2",
                      "--merge-layers", "0", "--calib-images", "4", "--batch-size", "4",
-                     "--runs", "1", "--warmup", "0", "--no-progress", "--json", str(out)])
+                     "--runs", "1", "--warmup", "0", "--no-progress", "--json", str(out),
+                     "--config.merge.bucket_step=1"])
   assert rc == 0
   assert "held-out evaluation" in capsys.readouterr().out
   payload = json.loads(out.read_text())

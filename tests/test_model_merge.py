@@ -143,7 +143,8 @@ def test_lean_forward_gives_the_full_forwards_logits_and_counts(setup):
       runner(x)
       program = runner.program(runner.schedule if runner.exact else None, x.shape)
       shapes = jax.eval_shape(program, params["tok"], x)[1]
-      assert sorted(shapes) == ["dropped", "num_preserved", "overflow", "tokens_per_block"]
+      assert sorted(shapes) == ["dropped", "forced", "num_preserved", "overflow",
+                              "tokens_per_block"]
 
 
 def test_fixed_mode_counts_dropped_tokens(setup):

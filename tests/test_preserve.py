@@ -132,8 +132,10 @@ def test_preserve_reaches_the_commands():
   assert config.merge.preserve == "sample"
   assert calibrate_cli.parse(["--config.merge.preserve=sample"]).merge.preserve == "sample"
   model = vit.Model(10, width=32, depth=3, num_heads=2, patch_size=4)
-  rows = methods.build_methods(model, config.merge.tau, preserve=config.merge.preserve)
+  from mame_jax.configs import common
+  rows = methods.build_methods(model, config.merge.tau,
+                               mame_fields=common.mame_fields(config.merge))
   assert [m.merge.preserve for m in rows[1:]] == ["sample", "sample"]
   assert eval_cli.parse([]).merge.preserve == "batch"  # the paper's rule by default
   with pytest.raises(ValueError, match="preserve"):
-    methods.build_methods(model, (0.8,), preserve="image")
+    methods.build_methods(model, (0.8,), mame_fields={"preserve": "image"})

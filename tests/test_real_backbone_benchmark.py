@@ -47,7 +47,8 @@ def test_crops_are_seeded_and_all_different():
 def tiny_run(tmp_path_factory):
   path = tmp_path_factory.mktemp("rb") / "real_backbone.json"
   bench.main(["--model", "tiny", "--image-size", "56", "--batches", "2", "--taus", "0.3",
-              "--variants", "sample", "budget+packed", "--runs", "1", "--warmup", "0",
+              "--variants", "sample", "budget+packed", "--every-variant-at",
+              "--runs", "1", "--warmup", "0",
               "--json", str(path)])
   return path, json.loads(path.read_text())
 

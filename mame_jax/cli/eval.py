@@ -143,7 +143,7 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
       tome_r, extra = [], match.configs
     result = loop.evaluate(
         model, params, data, taus=taus, tome_r=tome_r, merge_layers=config.merge.layers,
-        tome_recipe=config.merge.tome_recipe, preserve=config.merge.preserve,
+        tome_recipe=config.merge.tome_recipe, mame_fields=common.mame_fields(config.merge),
         extra=methods.baseline_rows(config.merge) if extra is None else extra,
         batch_size=inp.batch_size, limit=inp.limit, preprocess=preprocess,
         image_size=m.image_size, split=inp.split, data_dir=inp.data_dir,

@@ -82,7 +82,7 @@ from mame_jax.models.vit import image_size_of
 
 
 def evaluate(model, params, data, *, taus=(DEFAULT_TAU,), tome_r=(), merge_layers=None, extra=(),
-             tome_recipe: str = "timm", preserve: str = "batch", batch_size: int = 256,
+             tome_recipe: str = "timm", mame_fields=None, batch_size: int = 256,
              limit: Optional[int] = None, preprocess=None,
              image_size=None, split=None, data_dir=None, label_map=None,
              num_devices: Optional[int] = None, runs: int = 7, warmup: int = 2,
@@ -96,9 +96,9 @@ def evaluate(model, params, data, *, taus=(DEFAULT_TAU,), tome_r=(), merge_layer
     taus: MaMe thresholds, one row each (in ``merge_layers``; default the
       first 8 blocks). ``tome_r``: ToMe ``r`` values, one row each (every
       block, with ``tome_recipe``'s settings: "timm" or "mae", see
-      ``ToMeConfig.recipe``). ``preserve``: the MaMe rows' preservation rule
-      ("batch", the paper's, or "sample"). ``extra``: further merge configs (e.g.
-      a calibrated one).
+      ``ToMeConfig.recipe``). ``mame_fields``: further ``MergeConfig`` fields of
+      the MaMe rows (``preserve``, ``execution``, ``bucket_step``). ``extra``:
+      further merge configs (e.g. a calibrated one).
     batch_size: global batch; a multiple of the device count. The last batch
       is padded to it (padding rows repeat a real image and are not counted).
     limit: evaluate the first ``limit`` images only.
@@ -163,7 +163,7 @@ def evaluate(model, params, data, *, taus=(DEFAULT_TAU,), tome_r=(), merge_layer
   rows_sharding = NamedSharding(mesh, P("data"))
   params = jax.device_put(params, NamedSharding(mesh, P()))
   methods = methods_lib.build_methods(model, taus, tome_r, parse_layers(merge_layers), extra,
-                                      tome_recipe, preserve)
+                                      tome_recipe, mame_fields)
   runners = [Runner(model.clone(merge=m.merge), params) for m in methods]
   if head is not None:
     head_params = jax.device_put(head_params, NamedSharding(mesh, P()))
@@ -221,8 +221,7 @@ def evaluate(model, params, data, *, taus=(DEFAULT_TAU,), tome_r=(), merge_layer
     raise ValueError(f"every one of the {n_total} images of {source.name} is corrupt")
 
   # The lean programs the runners served (settled schedules), all timed interleaved.
-  programs = [runner.program(runner.schedule if runner.exact else None, first.shape)
-              for runner in runners]
+  programs = [runner.served(first.shape) for runner in runners]
   args = [runner.params for runner in runners]
   if head is not None:  # one program: the tower's, then the head (inlined by jit)
     programs = [_with_head(program, head) for program in programs]
@@ -235,11 +234,16 @@ def evaluate(model, params, data, *, taus=(DEFAULT_TAU,), tome_r=(), merge_layer
     program, t = programs[i], timings[i]
     gf = timing.gflops(program, args[i], first) / (batch_size / ndev)
     per_layer = (tokens[i] / max(n_valid, 1)).tolist()
+    padded, paid = runner.paid_tokens((batch_size // ndev,) + tuple(first.shape[1:]))
+    if m.kind != "mame":  # static counts: what runs is what is real
+      padded = paid = per_layer
     rows.append(dict(
         method=m.kind, name=m.name, tau=m.tau, r=m.r,
         top1=100.0 * float(correct[i]) / n_labelled if n_labelled else None,
         images_per_s=t.throughput(batch_size), gflops_per_image=gf,
         tokens_per_layer=per_layer, mean_tokens_per_layer=float(np.mean(per_layer)),
+        padded_per_layer=list(padded), paid_per_layer=list(paid),
+        mean_paid_per_layer=float(np.mean(paid)),
         measured_speedup=None, ideal_speedup=None,
         capacities=list(runner.schedule) if runner.exact else None,
         num_programs=runner.num_programs, reruns=runner.reruns,

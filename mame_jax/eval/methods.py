@@ -64,12 +64,13 @@ def baseline_rows(merge_part) -> list:
 
 
 def build_methods(model, taus=(DEFAULT_TAU,), tome_r=(), merge_layers=None, extra=(),
-                  tome_recipe: str = "timm", preserve: str = "batch") -> list:
-  """Baseline, then ``MergeConfig(tau, merge_layers, preserve=preserve)`` per tau,
-  then one ToMe row per ``r`` in ``tome_r`` (every block, ``tome_recipe``'s
-  settings: see :func:`tome_rows`), then ``extra`` merge configs."""
+                  tome_recipe: str = "timm", mame_fields=None) -> list:
+  """Baseline, then ``MergeConfig(tau, merge_layers, **mame_fields)`` per tau
+  (``mame_fields``: e.g. ``{"preserve": "sample", "execution": "packed"}``), then
+  one ToMe row per ``r`` in ``tome_r`` (every block, ``tome_recipe``'s settings:
+  see :func:`tome_rows`), then ``extra`` merge configs."""
   layers = default_layers(model.depth) if merge_layers is None else tuple(merge_layers)
-  merges = ([None] + [MergeConfig(tau=float(t), layers=layers, preserve=preserve)
+  merges = ([None] + [MergeConfig(tau=float(t), layers=layers, **(mame_fields or {}))
                       for t in taus]
             + tome_rows(tome_r, tome_recipe) + list(extra))
   return [describe_merge(m) for m in merges]

@@ -10,8 +10,11 @@ import jax
 from mame_jax.eval import data as data_lib
 from mame_jax.eval import timing
 
-TABLE_COLUMNS = ("method", "top1", "images/s", "GFLOPs/img", "tokens/layer", "speedup",
-                 "ideal speedup")
+# tokens/layer: the real tokens per block (mean over images and blocks); paid/layer:
+# those the program pays for -- padding and bucket slack included, or the packed
+# buffer's share per image (MergeConfig.execution="packed").
+TABLE_COLUMNS = ("method", "top1", "images/s", "GFLOPs/img", "tokens/layer", "paid/layer",
+                 "speedup", "ideal speedup")
 
 
 def format_report(result: dict) -> str:
@@ -23,7 +26,8 @@ def format_report(result: dict) -> str:
   for r in result["rows"]:
     shown.append(dict(zip(columns, (
         r["name"], r["top1"], r["images_per_s"], r["gflops_per_image"],
-        r["mean_tokens_per_layer"], r["measured_speedup"], r["ideal_speedup"]))))
+        r["mean_tokens_per_layer"], r.get("mean_paid_per_layer"), r["measured_speedup"],
+        r["ideal_speedup"]))))
   unit = "videos" if video else "images"
   head = (f"{result['data']}: {result['num_images']} {unit} "
           f"({result['num_labelled']} labelled), batch {result['batch_size']} on "

@@ -5,7 +5,10 @@ embedding to logits, as one jitted program for a static *capacity schedule* (one
 capacity per merge layer). The model's ``merge`` config says how:
 
 * ``mode="exact"`` (inference default): capacities are buckets
-  (``bucket_step`` multiples, or the layer's full N). If any layer overflows --
+  (``bucket_step`` multiples, or the layer's full N). The first batch runs with
+  every layer at its full N (nothing can overflow), and the buckets holding what
+  each layer needed become the schedule of later batches (``initial_fraction``
+  instead starts every layer at that fraction of N). If any layer overflows --
   more preserved tokens than its capacity -- every overflowing layer grows to
   the bucket that holds what it needed and the batch runs again, so no preserved
   token is ever dropped. The schedule only grows, so over a dataset it settles
@@ -81,7 +84,8 @@ class Runner:
       lean summary; see the module docstring).
   """
 
-  def __init__(self, model, params, *, initial_fraction: float = 0.5, records: bool = False):
+  def __init__(self, model, params, *, initial_fraction: Optional[float] = None,
+               records: bool = False):
     self.model, self.params = model, params
     self.records = bool(records)
     self.cfg = model.merge
@@ -132,14 +136,21 @@ class Runner:
     lengths = layer_lengths(cfg, self.model.depth, length, ns)
     return [linear_buckets(num_sources(lengths[l], ns), cfg.bucket_step) for l in cfg.layers]
 
-  def _initial_schedule(self, length, ns):
-    """A first guess, ``initial_fraction`` of each layer's N; exact mode grows it."""
+  def _schedule(self, length, ns, count) -> tuple:
+    """Capacities, first layer first: layer ``i`` gets the bucket holding
+    ``count(i, n)`` preserved tokens, ``n`` its N under the capacities before it."""
     caps = []
     for i in range(len(self.cfg.layers)):
       schedule = tuple(caps) + (None,) * (len(self.cfg.layers) - i)
       buckets = self._buckets(schedule, length, ns)[i]
-      caps.append(bucket_for(int(buckets[-1] * self._initial_fraction), buckets))
+      caps.append(bucket_for(min(int(count(i, buckets[-1])), buckets[-1]), buckets))
     return tuple(caps)
+
+  def _initial_schedule(self, length, ns):
+    """A first guess, ``initial_fraction`` of each layer's N (every N when it is
+    None: the first batch then settles the schedule); exact mode grows it."""
+    fraction = 1.0 if self._initial_fraction is None else self._initial_fraction
+    return self._schedule(length, ns, lambda i, n: n * fraction)
 
   def __call__(self, images, *, records: Optional[bool] = None):
     """``images (B, H, W, 3)`` in [-1, 1] -> ``(output, aux)``; in exact mode
@@ -156,6 +167,7 @@ class Runner:
       out, aux = self.program(None, images.shape, records)(self.params, images)
       return out, _summarise(self.cfg, aux)
     length, ns = sequence_lengths(self.model, images.shape[1:-1])  # (H, W) / (T, H, W)
+    settle = self.exact and self.schedule is None and self._initial_fraction is None
     if self.exact and self.schedule is None:
       self.schedule = self._initial_schedule(length, ns)
     while True:
@@ -187,7 +199,38 @@ class Runner:
         aux["packed_sizes"] = ran
       if self.exact:
         aux["capacities"] = self.schedule
+        if settle:  # the first batch ran at full capacity: keep what it needed
+          need = np.asarray(aux["num_preserved"])
+          self.schedule = self._schedule(length, ns, lambda i, n: need[i])
       return out, aux
+
+  def served(self, shape, records: Optional[bool] = None):
+    """The program that served the last call on inputs of ``shape`` (the settled
+    capacity schedule and packed buffers): the one to time."""
+    return self.program(self.schedule if self.exact else None, shape, records, self.packed)
+
+  def paid_tokens(self, shape) -> tuple[list, list]:
+    """``(padded, paid)`` per block for inputs of ``shape``, per image: the static
+    length each block's output has in the served program, and the tokens its
+    token-wise layers pay for (``packed_sizes / B`` after a merge with packed
+    execution, else the padded length). For a plain model or another merge, the
+    sequence length entering the first block throughout (ToMe's counts are
+    static and read from ``tokens_per_block``)."""
+    length, ns = sequence_lengths(self.model, tuple(shape[1:-1]))
+    depth, batch = self.model.depth, shape[0]
+    if not (isinstance(self.cfg, MergeConfig) and self.cfg.active):
+      return [length] * depth, [length] * depth
+    cfg = self.cfg if self.schedule is None else self.cfg.replace(capacities=self.schedule)
+    padded = layer_lengths(cfg, depth + 1, length, ns)[1:]
+    paid, stage = list(padded), None
+    sizes = self.packed or (self._full(batch, length, ns) if cfg.execution == "packed"
+                            else None)
+    for i in range(depth):
+      if sizes is not None and i in cfg.layers:
+        stage = sizes[cfg.layers.index(i)] / batch
+      if stage is not None:
+        paid[i] = stage
+    return padded, paid
 
   def _full(self, batch, length, ns) -> tuple:
     """Every slot after each merge layer: ``batch * merged length``."""
