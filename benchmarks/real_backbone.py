@@ -436,7 +436,7 @@ def _misses(run) -> list:
       out.append(f"{at}: slower than the baseline ({m['measured_speedup']:.2f}x)")
     length = rows[0]["tokens_per_layer"][0]
     if m["final_tokens"] > 0.9 * length:
-      why = (batch_wide_note(m["batch"], "crops")
+      why = (batch_wide_note(m["batch"], "crops", run["weights"])
              if m.get("variant", "paper") == "paper" else
              "each image kept its own preserved sources: its tokens were too unlike each other "
              "to merge at this tau")

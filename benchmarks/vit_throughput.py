@@ -81,17 +81,22 @@ def open_section(title: str, path, script: str):
   return out + [f"`{run['command']}` -- {desc}, {run['dtype']}, {run['date']} (`{path}`)."], run
 
 
-def batch_wide_note(batch: int, inputs: str = "images") -> str:
-  """Why a MaMe row of a random-weight benchmark merged (almost) nothing: at
-  ``batch`` > 1 the batch-wide preservation mask, at batch 1 the image alone (its
-  mask is its own). The sentence each benchmark section gives after the counts."""
+def batch_wide_note(batch: int, inputs: str = "images", weights: str = "random") -> str:
+  """Why a MaMe row merged (almost) nothing: at ``batch`` > 1 the batch-wide
+  preservation mask, at batch 1 the image alone (its mask is its own); said for
+  the ``weights`` ("random" or "real") the row ran. The sentence each benchmark
+  section gives after the counts."""
+  encoder = "this random encoder's" if weights == "random" else "the"
   if batch == 1:
-    return (f"At batch 1 no other of the {inputs} can keep a token: at this tau this random "
-            "encoder's tokens are too unlike each other to merge")
+    return (f"At batch 1 no other of the {inputs} can keep a token: at this tau "
+            f"{encoder} tokens are too unlike each other to merge")
+  why = ("and with random weights some of them keep nearly every token (a trained "
+         "encoder's tokens are far more alike: not a checkpoint's figure)"
+         if weights == "random" else
+         "and with different pictures in the batch nearly every source is preserved in "
+         "one of them (`preserve=\"sample\"` gives every image its own)")
   return ("MaMe's preservation mask is batch-wide (docs/design.md, §1): a token stays "
-          f"when any of the batch's {batch} {inputs} keeps it, and with random weights "
-          "some of them keep nearly every token (a trained encoder's tokens are far more "
-          "alike: not a checkpoint's figure)")
+          f"when any of the batch's {batch} {inputs} keeps it, {why}")
 
 
 def measure_all(methods, params, images, runs, warmup=2):

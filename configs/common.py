@@ -149,8 +149,11 @@ def eval_config() -> ml_collections.ConfigDict:
       evit=(),                      # EViT rows, one per keep rate
       evit_layers=placeholder(str), # EViT blocks; None: EViT's own 3,6,9 (0-based)
       diffrate=(),                  # DiffRate rows, one per published MODEL@GFLOPS
-      preserve="batch",             # MaMe's preserved sources: batch (paper) | sample
-      execution="padded",           # blocks after a merge: padded | packed (real tokens)
+      # How the MaMe rows run, chosen from the real DINOv2-S/14 figures (README,
+      # "Making the merge pay"): each image its own preserved sources, and the
+      # blocks after a merge on the real tokens only. The paper's rule: batch, padded.
+      preserve="sample",            # MaMe's preserved sources: sample | batch (paper)
+      execution="packed",           # blocks after a merge: packed (real tokens) | padded
       bucket_step=16,               # exact mode's capacities: multiples of this (or N)
   ))
   config.input = input_config()
@@ -214,7 +217,7 @@ def visualize_config() -> ml_collections.ConfigDict:
       evit=placeholder(float),      # also draw EViT at this keep rate
       evit_layers=placeholder(str), # EViT blocks; None: EViT's own 3,6,9 (0-based)
       diffrate=placeholder(str),    # also draw DiffRate's published MODEL@GFLOPS schedule
-      preserve="batch",             # MaMe's preserved sources: batch (paper) | sample
+      preserve="sample",            # each image drawn with its own merge | batch (paper)
   ))
   config.visualize = ml_collections.ConfigDict(dict(
       images=(),                    # image files or skimage.data names

@@ -136,6 +136,10 @@ def test_preserve_reaches_the_commands():
   rows = methods.build_methods(model, config.merge.tau,
                                mame_fields=common.mame_fields(config.merge))
   assert [m.merge.preserve for m in rows[1:]] == ["sample", "sample"]
-  assert eval_cli.parse([]).merge.preserve == "batch"  # the paper's rule by default
+  # The commands' default is what the real-backbone figures chose; the op's
+  # and MergeConfig's stay the paper's.
+  assert (eval_cli.parse([]).merge.preserve, eval_cli.parse([]).merge.execution) == \
+      ("sample", "packed")
+  assert merging.MergeConfig().preserve == "batch"
   with pytest.raises(ValueError, match="preserve"):
     methods.build_methods(model, (0.8,), mame_fields={"preserve": "image"})

@@ -108,7 +108,7 @@ def flop_match(config, model, params, data, preprocess):
         evit_layers=parse_layers(config.merge.evit_layers),
         tome_fields={k: v for k, v in dataclasses.asdict(methods.tome_rows(
             [0], config.merge.tome_recipe)[0]).items() if k != "r"},
-        diffrate_models=models)
+        diffrate_models=models, mame_fields=common.mame_fields(config.merge))
   except ValueError as e:
     raise ValueError(f"{what}: {e}") from None
 

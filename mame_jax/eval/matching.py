@@ -277,7 +277,8 @@ def check_tau(tau) -> float:
 
 def match_to_mame(model, params, images, tau: float, *, merge_layers=None, valid=None,
                   evit_layers: Optional[Sequence[int]] = None, tome_fields: Optional[dict] = None,
-                  diffrate_models: Optional[Sequence[str]] = None) -> FlopMatch:
+                  diffrate_models: Optional[Sequence[str]] = None,
+                  mame_fields: Optional[dict] = None) -> FlopMatch:
   """MaMe at ``tau`` on ``images (B, H, W, 3)`` (rows where ``valid`` only), then
   ToMe, EViT and DiffRate set to its GFLOPs (see the module docstring).
 
@@ -287,6 +288,8 @@ def match_to_mame(model, params, images, tau: float, *, merge_layers=None, valid
     tome_fields: ``ToMeConfig`` fields of the ToMe row (e.g. a recipe's).
     diffrate_models: DiffRate models whose published schedules may be picked
       (default: the model's own architecture, :func:`diffrate_model_of`).
+    mame_fields: further ``MergeConfig`` fields of the MaMe row (``preserve``,
+      ...), so that the target is the row the evaluation runs.
   """
   tau = check_tau(tau)
   if not model.has_class_token:
@@ -298,7 +301,7 @@ def match_to_mame(model, params, images, tau: float, *, merge_layers=None, valid
   if beyond:
     raise ValueError(f"EViT blocks {evit_layers} (merge.evit_layers): block(s) {beyond} are "
                      f"beyond the model's depth {model.depth}")
-  mame = MergeConfig(tau=tau, layers=layers)
+  mame = MergeConfig(tau=tau, layers=layers, **(mame_fields or {}))
   check_images(model, params, images)
   images = jnp.asarray(images)
   # Full capacities (capacities=None): exact, nothing dropped, one compiled program --
@@ -310,7 +313,10 @@ def match_to_mame(model, params, images, tau: float, *, merge_layers=None, valid
   if valid is not None:
     tokens = tokens[np.asarray(valid, bool)]
   image_hw = tuple(images.shape[1:3])
-  target = tokens_gflops(model, mame, tokens, image_hw)
+  # At the mean tokens per block, as the evaluation's row reports them (with
+  # preserve="sample" the images' counts differ, and the mean of their quadratic
+  # attention costs would not be the cost of the mean).
+  target = tokens_gflops(model, mame, tokens.mean(0, keepdims=True), image_hw)
   configs = [tome_r_matching(model, image_hw, target, **(tome_fields or {})),
              evit_keep_matching(model, image_hw, target, evit_layers)]
   notes = []
