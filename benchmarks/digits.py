@@ -36,6 +36,7 @@ import time
 import numpy as np
 
 from benchmarks.gpu import device_info, versions
+from benchmarks.vit_throughput import weights_line
 from mame_jax.eval import timing
 from mame_jax.eval.report import write_json
 
@@ -166,7 +167,9 @@ def section() -> list[str]:
          "`tome` (r matched to MaMe's token count), same seed, data and schedule.",
          "It shows that the merges train end to end and how they compare on one small,",
          "easy task; it is not ImageNet and says nothing about the paper's ImageNet",
-         "figures (ViT-T: 1.94x, -1.3 points), long schedules or GPU speed.", ""]
+         "figures (ViT-T: 1.94x, -1.3 points), long schedules or GPU speed.", "",
+         weights_line("trained", "each row's ViT-Ti is trained from a random start by "
+                      "this command; its accuracy is that of this run's training."), ""]
   if not files:
     return out + ["- Not run yet."]
   for path in files:

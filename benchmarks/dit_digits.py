@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.gpu import device_info, versions
+from benchmarks.vit_throughput import weights_line
 from mame_jax import diffusion
 from mame_jax.eval import data as data_lib
 from mame_jax.eval import quality, timing
@@ -281,6 +282,8 @@ def section(path="results/dit_digits.json") -> list[str]:
            f"against the baseline's from the same noise; `tokens_real`: real tokens the "
            f"blocks attended (of {run['rows'][0]['tokens_input']}); latency: the whole "
            f"sampler.{note}", "",
+           weights_line("trained", "the DiT is trained by this command on the digits "
+                        "above; the samples and PSNR / SSIM are that model's."), "",
            timing.format_table(run["rows"], SECTION_COLUMNS), ""]
   best = [r for r in run["rows"] if r["method"] == "mame_mare"]
   if len(best) >= 2:

@@ -68,7 +68,7 @@ import numpy as np
 
 import mame_jax as mj
 from benchmarks.siglip_throughput import display, tome_r_per_tau
-from benchmarks.vit_throughput import batch_wide_note, measure_all, open_section
+from benchmarks.vit_throughput import batch_wide_note, measure_all, open_section, weights_line
 from mame_jax import tome as tome_lib
 from mame_jax.eval import timing
 from mame_jax.eval.data import PHOTOS, photos_source, to_rgb_uint8
@@ -406,10 +406,11 @@ def section(path=RESULTS, gpu_path=GPU_RESULTS) -> list:
 
 def _weights_line(run) -> list:
   if run["weights"] == "real":
-    return [f"Weights: real -- the trained checkpoint `{run['model']}`, so the token counts, "
-            "speedups and fidelity are a trained model's."]
-  return [f"Weights: random -- {run['about']}, not the trained checkpoint: the cost of each "
-          "token count is real, the token counts, speedups and fidelity are not DINOv2's."]
+    return [weights_line("real", f"the trained checkpoint `{run['model']}`, so the token "
+                         "counts, speedups and fidelity are a trained model's.")]
+  return [weights_line("random", f"{run['about']}, not the trained checkpoint: the cost of "
+                       "each token count is real, the token counts, speedups and fidelity "
+                       "are not DINOv2's.")]
 
 
 def _run_lines(run) -> list:

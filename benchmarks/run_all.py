@@ -25,6 +25,7 @@ import jax
 from benchmarks import (baselines, digits, dit_digits, generation, merge_op, real_backbone,
                         siglip_throughput, train_step, video_throughput, vision_tokens_throughput,
                         vit_throughput)
+from benchmarks.vit_throughput import weights_line
 from mame_jax.eval.timing import format_table
 
 OP_COLUMNS = ["B", "L", "D", "r", "capacity", "mame_ms", "attention_ms", "mame/attn",
@@ -53,7 +54,8 @@ def render(op: dict, vit: dict, command: str, render_only: bool = False) -> str:
       "",
       f"`{op['command']}` -- {op['device']}, {op['dtype']}, {op['date']}",
       "",
-      "Random tokens and random attention weights: the cost of the op at each size.",
+      weights_line("random", "random tokens and random attention weights: the cost of "
+                   "the op at each size."),
       "",
       format_table(op["rows"], OP_COLUMNS),
       "",
@@ -70,8 +72,9 @@ def render(op: dict, vit: dict, command: str, render_only: bool = False) -> str:
       f"`{vit['command']}` -- {vit['device']}, batch {vit['batch']}, {vit['dtype']}, "
       f"{vit['date']}",
       "",
-      "Random weights (randomly initialised ViTs): the cost of each token count is real, "
-      "the token counts are not a trained model's -- the first section has those.",
+      weights_line("random", "randomly initialised ViTs: the cost of each token count "
+                   "is real, the token counts are not a trained model's -- the first "
+                   "section has those."),
       "",
       format_table(vit["rows"], VIT_COLUMNS),
       "",
@@ -81,7 +84,10 @@ def render(op: dict, vit: dict, command: str, render_only: bool = False) -> str:
   for row in vit["rows"]:
     if "tokens_per_layer" in row:
       lines.append(f"- {row['model']} {row['method']}: {row['tokens_per_layer']}")
-  lines += ["", "## Targets: met and missed", ""] + targets(vit)
+  lines += ["", "## Targets: met and missed", "",
+            weights_line("random", "these targets are checked on the ViT throughput rows "
+                         "above, random ViTs; the first section checks the real backbone's."),
+            ""] + targets(vit)
   lines += gpu_section()
   lines += generation_section()
   # Each further benchmark renders its own section from its committed JSON.
@@ -105,7 +111,9 @@ def gpu_section() -> list[str]:
   """``python -m benchmarks.gpu`` results (``results/gpu_*.json``), each with its
   command and device; a file from a CPU is a smoke run of the script, not a
   figure, and is said to be one."""
-  out = ["", "## GPU path: `python -m benchmarks.gpu`", ""]
+  out = ["", "## GPU path: `python -m benchmarks.gpu`", "",
+         weights_line("random", "`benchmarks.gpu` times randomly initialised ViTs (or a "
+                      "checkpoint given with `--checkpoint`, which no run here did)."), ""]
   files = sorted(pathlib.Path("results").glob("gpu_*.json"))
   on_gpu = []
   for path in files:
@@ -144,9 +152,9 @@ def generation_section() -> list[str]:
          "block; tokens from photographs (8 x 8 patches, randomly projected; see",
          "`benchmarks/generation.py`). `tokens_attended`: the static length attention",
          "runs on; `tokens_real`: the real tokens among them; `dropped`: preserved",
-         "tokens the fixed capacities dropped. Random weights (a randomly initialised",
-         "stack): the cost of each token count is real, the counts are not a trained",
-         "model's.", ""]
+         "tokens the fixed capacities dropped.", "",
+         weights_line("random", "a randomly initialised stack: the cost of each token "
+                      "count is real, the counts are not a trained model's."), ""]
   for path in files:
     run = json.loads(path.read_text())
     device = run["device"]["description"]

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.gpu import device_info, peak_memory_bytes, versions
+from benchmarks.vit_throughput import weights_line
 from mame_jax.eval import timing
 from mame_jax.eval.methods import describe_merge
 from mame_jax.eval.report import write_json
@@ -115,7 +116,10 @@ def section() -> list[str]:
          "One jitted training step (forward, backward through the merge, AdamW) of a",
          "randomly initialised ViT per `configs/train.py` setting: `none`, `mame` (blocks",
          "3/6/9 counted from 1, tau 0.5, 2:1), `mame_last` (last block), `tome` (r matched",
-         "to MaMe's token count). `speedup` = baseline step time / the row's.", ""]
+         "to MaMe's token count). `speedup` = baseline step time / the row's.", "",
+         weights_line("random", "a randomly initialised ViT: a training step costs the "
+                      "same whatever the weights, and the merge's token counts are "
+                      "fixed by the settings (2:1)."), ""]
   if not files:
     return out + ["- Not run yet."]
   on_gpu = False

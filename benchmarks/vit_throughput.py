@@ -65,6 +65,17 @@ def photo_batch(batch: int, size: int = 224, count: int = 6) -> jax.Array:
   return jnp.asarray(np.resize(photos, (batch,) + photos.shape[1:]))
 
 
+# Where a section's weights come from: a trained checkpoint, a random
+# initialisation, or a training run of the benchmark itself.
+WEIGHTS = {"real": "real", "random": "random", "trained": "trained here"}
+
+
+def weights_line(kind: str, detail: str) -> str:
+  """The sentence every BENCHMARKS.md section gives on its weights: ``kind`` in
+  :data:`WEIGHTS`, then what that means for its figures."""
+  return f"Weights: {WEIGHTS[kind]} -- {detail}"
+
+
 def open_section(title: str, path, script: str):
   """``(lines, run)``: the opening of a benchmark's BENCHMARKS.md section -- its
   title, then the command, device, dtype and date of the run saved at ``path``

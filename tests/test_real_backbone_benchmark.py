@@ -153,3 +153,17 @@ def test_benchmarks_md_opens_with_the_real_backbone(tmp_path, monkeypatch):
   assert headings[0] == "## A real backbone: DINOv2-S/14 at 224 px, baseline, MaMe, ToMe"
   assert headings[1] == "## The merge op beside one self-attention"
   assert "Weights: real" in text
+
+
+def test_every_section_says_where_its_weights_come_from():
+  """Rendered from the committed JSON, each BENCHMARKS.md section says whether its
+  figures come from a trained checkpoint, random weights or a training run of
+  its own."""
+  op = json.loads((ROOT / "results" / "merge_op.json").read_text())
+  vit = json.loads((ROOT / "results" / "vit_throughput.json").read_text())
+  text = run_all.render(op, vit, "python -m benchmarks.run_all --render-only", True)
+  sections = text.split("\n## ")[1:]
+  assert len(sections) >= 13
+  for section in sections:
+    title = section.splitlines()[0]
+    assert "Weights: " in section or "Random weights" in section, title
