@@ -71,6 +71,7 @@ from benchmarks.siglip_throughput import display, tome_r_per_tau
 from benchmarks.vit_throughput import batch_wide_note, measure_all, open_section, weights_line
 from mame_jax import tome as tome_lib
 from mame_jax.eval import timing
+from mame_jax.eval.calibrate import preserved_counts
 from mame_jax.eval.data import PHOTOS, photos_source, to_rgb_uint8
 from mame_jax.eval.report import write_json
 from mame_jax.eval.runner import layer_lengths, sequence_lengths
@@ -220,13 +221,8 @@ def budget_capacities(tokens, length, ns, layers) -> tuple:
   """A static budget from a sample-rule run's ``tokens_per_block`` (B, depth):
   each merge layer's capacity is the mean image's own preserved count there
   (rounded up), so the budget costs what the average image needs."""
-  caps, before = [], np.full(tokens.shape[0], length)
-  for layer in range(max(layers) + 1):
-    after = tokens[:, layer]
-    if layer in layers:
-      caps.append(int(np.ceil(np.mean(after - ns - (before - ns) // 2))))
-    before = after
-  return tuple(max(c, 0) for c in caps)
+  need = preserved_counts(tokens, length, ns, layers).mean(0)
+  return tuple(max(int(np.ceil(c)), 0) for c in need)
 
 
 def bench_batch(model, params, images, taus=TAUS, runs: int = 5, warmup: int = 1,

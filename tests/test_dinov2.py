@@ -198,9 +198,7 @@ def images(n=3, seed=0, size=IMAGE):
 def encoded(model, params, imgs):
   """The final LayerNorm output of every token."""
   _, aux = model.apply({"params": params}, imgs)
-  import flax.linen as nn
-  return np.asarray(nn.LayerNorm(epsilon=model.ln_eps).apply(
-      {"params": params["Transformer"]["encoder_norm"]}, aux["pre_ln"]))
+  return np.asarray(aux["encoded"])
 
 
 # ------------------------------------------------------------------------------------

