@@ -33,6 +33,9 @@ import sys
 import tempfile
 import time
 
+if not __package__:  # run as a file, not with -m: see benchmarks/__init__.py
+  sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
 import numpy as np
 
 from benchmarks.gpu import device_info, versions

@@ -44,9 +44,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import pathlib
 import shlex
 import sys
 import time
+
+if not __package__:  # run as a file, not with -m: see benchmarks/__init__.py
+  sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 import jax
 import jax.numpy as jnp

@@ -1,8 +1,8 @@
 """Cost of the merge op itself: jitted ``mame`` beside one self-attention layer.
 
-    python benchmarks/merge_op.py --quick          # < 3 min on a 2-core CPU
-    python benchmarks/merge_op.py                  # B {1,32} x L {197,577,1025,4097} x D {384,768}
-    python benchmarks/merge_op.py --dtype bfloat16 --out-md results/merge_op.md
+    python -m benchmarks.merge_op --quick          # < 3 min on a 2-core CPU
+    python -m benchmarks.merge_op                  # B {1,32} x L {197,577,1025,4097} x D {384,768}
+    python -m benchmarks.merge_op --dtype bfloat16 --out-md results/merge_op.md
 
 For every (B, L, D) it times (``mame_jax.eval.timing.time_fn``: one compiling call,
 warm-up, median of the timed calls) two jitted functions on the same tokens
@@ -49,6 +49,9 @@ import pathlib
 import shlex
 import sys
 import time
+
+if not __package__:  # run as a file, not with -m: see benchmarks/__init__.py
+  sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 import jax
 import jax.numpy as jnp
@@ -258,9 +261,9 @@ def main(argv=None):
   print()
   print(sweep_text)
 
-  command = shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]) if argv is None \
-      else shlex.join(["benchmarks/merge_op.py"] + list(argv))
-  record = {"benchmark": "merge_op", "command": f"python {command}", "date": today(),
+  command = "python -m benchmarks.merge_op " + shlex.join(sys.argv[1:] if argv is None
+                                                         else list(argv))
+  record = {"benchmark": "merge_op", "command": command.strip(), "date": today(),
             "device": device_description(), "jax_version": jax.__version__,
             "backend": jax.default_backend(), "dtype": args.dtype, "tau": TAU,
             "num_special": NUM_SPECIAL, "head_dim": HEAD_DIM, "bucket_step": BUCKET_STEP,

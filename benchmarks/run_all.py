@@ -20,6 +20,9 @@ import pathlib
 import shlex
 import sys
 
+if not __package__:  # run as a file, not with -m: see benchmarks/__init__.py
+  sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
 import jax
 
 from benchmarks import (baselines, digits, dit_digits, generation, merge_op, real_backbone,

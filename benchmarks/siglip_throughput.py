@@ -32,6 +32,9 @@ import pathlib
 import shlex
 import sys
 
+if not __package__:  # run as a file, not with -m: see benchmarks/__init__.py
+  sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
 import numpy as np
 
 import mame_jax as mj

@@ -21,6 +21,9 @@ import shlex
 import sys
 import time
 
+if not __package__:  # run as a file, not with -m: see benchmarks/__init__.py
+  sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
 import jax
 import jax.numpy as jnp
 import numpy as np

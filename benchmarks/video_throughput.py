@@ -29,8 +29,12 @@ minutes on a shared CPU, so ``--quick`` runs a ViT-S-sized VideoMAE (width 384,
 from __future__ import annotations
 
 import argparse
+import pathlib
 import shlex
 import sys
+
+if not __package__:  # run as a file, not with -m: see benchmarks/__init__.py
+  sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 import jax
 import numpy as np

@@ -1,8 +1,8 @@
 """ViT throughput with MaMe and ToMe: images/s, GFLOPs, tokens per layer.
 
-    python benchmarks/vit_throughput.py --quick                  # ViT-S/16, batch 8 (CPU, minutes)
-    python benchmarks/vit_throughput.py                          # ViT-S/16 and ViT-B/16, batch 32
-    python benchmarks/vit_throughput.py --batch 256 --dtype bfloat16   # on a GPU
+    python -m benchmarks.vit_throughput --quick                  # ViT-S/16, batch 8 (CPU, minutes)
+    python -m benchmarks.vit_throughput                          # ViT-S/16 and ViT-B/16, batch 32
+    python -m benchmarks.vit_throughput --batch 256 --dtype bfloat16   # on a GPU
 
 For each model (random weights unless ``--checkpoint``; the token counts of a
 trained model differ, the cost of a given token count does not) and one batch of
@@ -32,6 +32,9 @@ import json
 import pathlib
 import shlex
 import sys
+
+if not __package__:  # run as a file, not with -m: see benchmarks/__init__.py
+  sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 import jax
 import jax.numpy as jnp
@@ -211,8 +214,8 @@ def main(argv=None):
     if "tokens_per_layer" in row:
       print(f"{row['model']} {row['method']:<9} tokens per block: {row['tokens_per_layer']}")
   out = dict(device=timing.device_description(), date=timing.today(), batch=args.batch,
-             dtype=args.dtype, command=("python " + shlex.join(sys.argv) if argv is None else
-                      "python benchmarks/vit_throughput.py " + shlex.join(argv)), rows=rows)
+             dtype=args.dtype, command=("python -m benchmarks.vit_throughput " + shlex.join(
+                 sys.argv[1:] if argv is None else argv)).strip(), rows=rows)
   write_json(args.json, out)
   print(f"\nsaved {args.json}")
 

@@ -7,9 +7,13 @@ one file can describe a model, its merge and its data once for every command:
 * ``model``: ``checkpoint`` (a path, a URL or a known short name; ``None``:
   random weights of ``variant``), ``variant`` (e.g. ``"S/16"``, for random
   init), ``num_classes``, ``image_size`` (``None``: the checkpoint's),
-  ``dtype`` (matmul dtype: ``float32`` | ``bfloat16`` | ``float16``) and
-  ``preprocess`` (``auto``: by model family); ``arch``: ``vit.Model``
-  attributes that win over the variant's or the checkpoint's.
+  ``dtype`` (matmul dtype: ``float32`` | ``bfloat16`` | ``float16``),
+  ``preprocess`` (``auto``: by model family; ``resize``: a plain resize to the
+  model's size) and ``crop_pct`` (the share of the resized image the central
+  crop keeps, timm's convention; 1.0: no crop; ``None``: the preprocessing's
+  own, ``mame_jax.eval.data.CROP_PCT``); ``arch``: ``vit.Model`` attributes
+  that win over the variant's or the checkpoint's (a config file or a
+  ``--config.model.arch.NAME=VALUE`` override may add any of them).
 * ``merge``: the MaMe / ToMe settings: ``tau``, ``layers`` (a string such as
   ``"0-7"`` or ``"3,6,9"``; ``None``: the first 8 blocks), ``tome_r``,
   ``tome_recipe`` (ToMe's own settings for the model family: ``"timm"``,
@@ -36,7 +40,8 @@ overrides, then the command's short flags (``--tau``, ``--checkpoint``, ...).
 Fields that may be unset are ``placeholder``s: typed, so that a command-line
 override of them is parsed as that type. Every part is closed (a config file
 or override naming a field it does not have is an error) except
-``model.arch``, whose keys a config file may add.
+``model.arch``, whose keys a config file or an override may add (an override
+is parsed as the type of the ``vit.Model`` attribute it names).
 
 Configs import only this module, ``ml_collections`` (with ``absl.flags``, its
 flag library) and the paper's default tau -- never the evaluation code, so that
@@ -107,7 +112,9 @@ def model_config(**fields) -> ml_collections.ConfigDict:
       num_classes=1000,             # for random weights
       image_size=placeholder(int),  # None: the checkpoint's (position embeddings)
       dtype="float32",              # matmul dtype: float32 | bfloat16 | float16
-      preprocess="auto",            # auto (by model family) | big_vision | timm | siglip
+      preprocess="auto",            # auto (by family) | big_vision | timm | siglip | clip | resize
+      crop_pct=placeholder(float),  # share of the resized image kept; 1.0: resize to S, no crop;
+                                    # None: the preprocessing's own (timm, big_vision: 0.875)
       # vit.Model attributes over the variant's / the checkpoint's, e.g.
       # {depth: 2, width: 32, ...} for a tiny smoke model: an open part, the
       # one whose keys a config may add.
@@ -266,7 +273,8 @@ def train_config() -> ml_collections.ConfigDict:
       flip=True,                    # random horizontal flip
       workers=8,                    # loader threads (grain ReadOptions)
       prefetch=4,                   # batches read ahead
-      preprocess="big_vision",      # the eval preprocessing
+      preprocess="big_vision",      # the eval preprocessing (as model.preprocess of eval)
+      crop_pct=placeholder(float),  # its crop_pct; None: the preprocessing's own
   ))
   config.num_classes = 1000
   config.init = placeholder(str)    # a load_model source: fine-tune from it

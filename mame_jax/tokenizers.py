@@ -262,7 +262,8 @@ class CLIPTokenizer(_Texts):
 
   Args:
     path: the ``tokenizer.json``, or a folder holding one.
-    length: tokens per text; the text tower's ``max_len`` (77 for OpenAI's).
+    length: tokens per text; at most the text tower's ``max_len`` (77 for
+      OpenAI's), which takes any length up to it.
     pad_id: the padding id; ``None``: the end-of-text id.
   """
 

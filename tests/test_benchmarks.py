@@ -1,12 +1,22 @@
-"""benchmarks/generation.py end to end at the tiniest settings, and its section in
-BENCHMARKS.md (benchmarks/run_all.py)."""
+"""Every benchmark script runs both ways; benchmarks/generation.py end to end at the
+tiniest settings, and its section in BENCHMARKS.md (benchmarks/run_all.py)."""
 
+import concurrent.futures
 import json
+import os
+import pathlib
+import runpy
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 import pytest
 
 from benchmarks import generation, run_all
+
+SCRIPTS = sorted(p for p in (pathlib.Path(__file__).resolve().parents[1] / "benchmarks").glob(
+    "*.py") if p.name != "__init__.py")
 
 FIELDS = ("L", "D", "method", "setting", "tokens_input", "tokens_attended", "tokens_real",
           "latency_ms", "iqr_ms", "gflops", "measured_speedup", "ideal_speedup", "dropped")
@@ -59,3 +69,26 @@ def test_generation_section_renders_the_json(run, tmp_path, monkeypatch):
   assert text.count("| mame_exact ") == 2 and "| tome_sd " in text
   (tmp_path / "results" / path.name).unlink()
   assert run_all.generation_section() == []
+
+
+def test_every_script_runs_as_a_module_and_as_a_file(tmp_path, monkeypatch, capsys):
+  """``python -m benchmarks.X`` (the form the docs give) and ``python benchmarks/X.py``
+  (benchmarks/__init__.py), each answering ``--help``: as a module in this process,
+  the way ``-m`` runs it (``runpy``); as a file in a fresh interpreter started
+  elsewhere, without PYTHONPATH, two at a time."""
+  assert len(SCRIPTS) >= 13 and all(p.name != "__init__.py" for p in SCRIPTS)
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  as_file = lambda path: subprocess.run([sys.executable, str(path), "--help"], cwd=tmp_path,
+                                        env=env, capture_output=True, text=True, timeout=300)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    files = pool.map(as_file, SCRIPTS)
+    for path in SCRIPTS:
+      monkeypatch.setattr(sys, "argv", [path.name, "--help"])
+      with warnings.catch_warnings(), pytest.raises(SystemExit) as e:
+        # runpy notes that this test already imported the module; -m would not have.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        runpy.run_module(f"benchmarks.{path.stem}", run_name="__main__", alter_sys=True)
+      assert e.value.code == 0 and "usage:" in capsys.readouterr().out, path.name
+    failed = {path.name: run.stderr[-800:] for path, run in zip(SCRIPTS, files)
+              if run.returncode or "usage:" not in run.stdout}
+  assert not failed

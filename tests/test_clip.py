@@ -263,6 +263,43 @@ def test_two_towers_match_transcription(case):
   jax.tree.map(np.testing.assert_array_equal, img_params, case["params"]["img"])
 
 
+def short_ids(n, vocab, eos_id, seed=0):
+  """``(4, n)`` ids as a tokenizer padding to the batch's longest text gives them,
+  and then some: random ids, the first row ending in EOS, the second with EOS in
+  the middle and EOS padding after it, the third with EOS twice and other ids
+  between, the last with no EOS at all (both rules then read position 0, the
+  argmax one wherever the largest id is)."""
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(0, vocab, (4, n))
+  ids[ids == eos_id] = (eos_id + 1) % vocab
+  ids[0, -1] = eos_id
+  ids[1, n // 2:] = eos_id
+  ids[2, [n // 3, n - 1]] = eos_id
+  return ids.astype(np.int32)
+
+
+@pytest.mark.parametrize("n", [1, 5, "full"])
+def test_texts_of_any_length_up_to_the_table_match_transcription(case, n):
+  """transformers' CLIPTextModel takes ``input_ids`` of any length up to
+  ``max_position_embeddings`` (position ids ``0..n-1``); so does the text tower,
+  with both end-of-text rules (the two architectures), and refuses longer ones."""
+  a, sd, tok = case["arch"], case["sd"], case["tok"]
+  n = a["length"] if n == "full" else n
+  ids = short_ids(n, tok.vocab_size, tok.eos_id)
+  _, ztxt, _ = case["model"].apply({"params": case["params"]}, None, ids)
+  np.testing.assert_allclose(ztxt, unit(ref_text(sd, ids, a, tok.eos_id)), atol=2e-5)
+  if n == a["length"]:
+    with pytest.raises(ValueError, match=f"texts have {n + 1} tokens but the text tower "
+                       f"takes at most {n}"):
+      case["model"].apply({"params": case["params"]}, None, short_ids(n + 1, 10, 1))
+    shorter = tokenizers.CLIPTokenizer(tok.path, length=n - 3)
+    zeroshot.ZeroShot(case["model"], case["params"], shorter)  # accepted
+    with pytest.raises(ValueError, match=f"tokenizer length {n + 1}: the text tower takes "
+                       f"at most {n}"):
+      zeroshot.ZeroShot(case["model"], case["params"],
+                        tokenizers.CLIPTokenizer(tok.path, length=n + 1))
+
+
 # ------------------------------------------------------------------------------------
 # Tokenizer and zero-shot.
 

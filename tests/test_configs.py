@@ -193,6 +193,37 @@ def test_calibrate_and_visualize_read_their_parts():
   assert config.merge.tome_r == "match" and config.visualize.images == ("astronaut",)
 
 
+def test_arch_overrides_add_vit_attributes_typed_as_vit_model_has_them(tmp_path):
+  config = eval_cli.parse([
+      "--random-init", "Ti/16", "--image-size", "32", "--config.model.arch.num_heads=4",
+      "--config.model.arch.ln_eps", "1e-5", "--config.model.arch.patch_size=(8, 8)",
+      "--config.model.arch.depth=1", "--noconfig.model.arch.head_zeroinit",
+      "--config.model.arch.input_norm=None", "--config.model.arch.attention=xla"])
+  assert config.model.arch.to_dict() == dict(
+      num_heads=4, ln_eps=1e-5, patch_size=(8, 8), depth=1, head_zeroinit=False,
+      input_norm=None, attention="xla")
+  assert isinstance(config.model.arch.ln_eps, float)
+  model, params = flags.load_model_from(config)
+  assert (model.num_heads, model.ln_eps, model.patch_size, model.depth) == (4, 1e-5, (8, 8), 1)
+  assert params["pos_embedding"].shape == (1, 16, 192)
+  # A key a config file put there keeps the file's type; others are still added.
+  path = tmp_path / "mine.py"
+  path.write_text(TRAIN_CONFIG.format(arch=TINY_ARCH))
+  config, _ = train.parse(["--config", str(path), "--workdir", str(tmp_path / "w"),
+                           "--config.model.arch.width=48", "--config.model.arch.scan"])
+  assert config.model.arch.to_dict() == {**TINY_ARCH, "width": 48, "scan": True}
+
+
+def test_arch_overrides_of_the_wrong_type_or_an_unknown_name_are_errors(capsys):
+  err = _error(capsys, ["--config.model.arch.num_heads=4.5"])
+  assert "--config.model.arch.num_heads" in err and "4.5" in err
+  err = _error(capsys, ["--config.model.arch.num_head=4"])
+  assert "vit.Model has no attribute 'num_head'" in err
+  assert "num_heads" in err and "ln_eps" in err and "merge" not in err.split("takes:")[1]
+  err = _error(capsys, ["--config.model.arch.depth.x=4"])
+  assert "model.arch.depth.x" in err
+
+
 def test_split_argv_sends_config_tokens_to_absl_and_the_rest_to_argparse():
   file, overrides, rest = flags.split_argv(
       ["--data", "x", "--config", "c.py:a=1", "--config.a.b", "3", "--config.c=4",

@@ -235,6 +235,32 @@ def test_siglip_preprocessing_is_a_square_bilinear_resize():
                              x[:, :50] / 127.5 - 1, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", data.PREPROCESS)
+def test_crop_pct_one_keeps_an_image_of_the_models_size_unchanged(kind):
+  x = _pattern(28, 28, 6)
+  np.testing.assert_array_equal(data.preprocess_fn(kind, 28, crop_pct=1.0)(x),
+                                x.astype(np.float32) / 255 * 2 - 1)
+  changed = not np.array_equal(data.preprocess_fn(kind, 28)(x), data.preprocess_fn(
+      kind, 28, crop_pct=1.0)(x))
+  assert changed == (data.CROP_PCT[kind] < 1)  # timm's and big_vision's 0.875 crop
+
+
+def test_crop_pct_sets_the_side_the_crop_is_cut_from():
+  x = _pattern(90, 61, 7)
+  out = data.preprocess_fn("timm", 32, crop_pct=0.9)(x)
+  resized = np.asarray(Image.fromarray(x).resize((35, 51), Image.BICUBIC))  # floor(32/.9)=35
+  np.testing.assert_allclose(out, resized[10:42, 2:34] / 127.5 - 1, atol=1e-6)
+  squashed = np.asarray(Image.fromarray(x).resize((32, 32), Image.BICUBIC))
+  np.testing.assert_allclose(data.preprocess_fn("resize", 32)(x), squashed / 127.5 - 1,
+                             atol=1e-6)
+  out = data.preprocess_fn("resize", 32, crop_pct=0.5)(x)  # squash to 64, keep the centre
+  center = np.asarray(Image.fromarray(x).resize((64, 64), Image.BICUBIC))[16:48, 16:48]
+  np.testing.assert_allclose(out, center / 127.5 - 1, atol=1e-6)
+  for bad in (0, 1.5, -0.2, True):
+    with pytest.raises(ValueError, match=r"crop_pct must be in \(0, 1\]"):
+      data.preprocess_fn("timm", 32, crop_pct=bad)
+
+
 def test_preprocessing_follows_the_model_family():
   assert data.preprocess_for(type("M", (), {"input_norm": ((0.5,) * 3, (0.5,) * 3)})()) == "timm"
   assert data.preprocess_for(type("M", (), {"input_norm": None})()) == "big_vision"

@@ -166,7 +166,8 @@ def test_report_has_one_row_per_method_and_counts_the_corrupt_image(run, folder)
   assert result["num_corrupt"] == 1
   assert os.path.relpath(result["corrupt"][0][0], folder) == os.path.join("c2", "99.jpg")
   text = report.format_report(result)
-  for word in ("MaMe(tau=0.5)", "ToMe(r=4)", "ideal speedup", "1 corrupt image(s)"):
+  for word in ("MaMe(tau=0.5)", "ToMe(r=4)", "ideal speedup", "1 corrupt image(s)",
+               "64px big_vision preprocessing (crop_pct 0.875)"):  # auto: the family's
     assert word in text
   assert "warning: corrupt image" in progress
   assert "15/15" in progress and "img/s" in progress and "top1 baseline" in progress
@@ -245,11 +246,14 @@ def test_cli_prints_the_table_and_writes_json_rows_with_null_top1_when_unlabelle
   out = tmp_path / "eval.json"
   rc = eval_cli.cli_main(["--checkpoint", ckpt, "--data", "photos", "--limit", "4",
                           "--tau", "0.5", "--merge-layers", "0-1", "--batch-size", "4",
-                          "--runs", "1", "--warmup", "0", "--no-progress", "--json", str(out)])
+                          "--runs", "1", "--warmup", "0", "--no-progress", "--json", str(out),
+                          "--preprocess", "timm", "--config.model.crop_pct=1.0"])
   assert rc == 0
-  assert "MaMe(tau=0.5)" in capsys.readouterr().out
+  text = capsys.readouterr().out
+  assert "MaMe(tau=0.5)" in text and "64px timm preprocessing (crop_pct 1.0)" in text
   payload = json.loads(out.read_text())
   assert payload["num_images"] == 4 and payload["data"] == "photos"
+  assert (payload["preprocess"], payload["crop_pct"]) == ("timm", 1.0)
   assert [r["method"] for r in payload["rows"]] == ["baseline", "mame"]
   for row in payload["rows"]:
     assert row["top1"] is None

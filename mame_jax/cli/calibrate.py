@@ -80,7 +80,7 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
     calib_source = source if not cal_c.calib_data else data_lib.load_source(
         cal_c.calib_data, data_dir=inp.data_dir, label_map=label_map)
     n_calib = min(int(cal_c.calib_images), len(calib_source))
-    loader = data_lib.Loader(calib_source, data_lib.preprocess_fn(kind, size),
+    loader = data_lib.Loader(calib_source, data_lib.preprocess_fn(kind, size, m.crop_pct),
                              min(inp.batch_size, max(n_calib, 1)), limit=n_calib)
     batches = list(loader)
     heldout = source.subset(n_calib) if calib_source is source else source
@@ -96,7 +96,8 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         heldout=heldout, taus=[float(t) for t in config.merge.tau],
         tome_r=[int(r) for r in config.merge.tome_r], tome_recipe=config.merge.tome_recipe,
         batch_size=inp.batch_size,
-        limit=inp.limit, preprocess=kind, image_size=size, num_devices=ev.devices,
+        limit=inp.limit, preprocess=kind, crop_pct=m.crop_pct, image_size=size,
+        num_devices=ev.devices,
         runs=ev.runs, warmup=ev.warmup, progress=ev.progress, **head)
   except (ValueError, FileNotFoundError) as e:
     print(f"mame-jax calibrate: error: {e}", file=sys.stderr)

@@ -97,8 +97,8 @@ def flop_match(config, model, params, data, preprocess):
   n = len(source) if inp.limit is None else min(len(source), int(inp.limit))
   if n == 0:
     raise ValueError(f"{what}: no images in {source.name} to measure MaMe on")
-  loader = data_lib.Loader(source, data_lib.preprocess_fn(kind, size), min(inp.batch_size, n),
-                           limit=n, warn=False)
+  loader = data_lib.Loader(source, data_lib.preprocess_fn(kind, size, m.crop_pct),
+                           min(inp.batch_size, n), limit=n, warn=False)
   batch = next(iter(loader))
   models = sorted({s.partition("@")[0].strip() for s in config.merge.diffrate}) or None
   try:
@@ -146,7 +146,7 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         tome_recipe=config.merge.tome_recipe, mame_fields=common.mame_fields(config.merge),
         extra=methods.baseline_rows(config.merge) if extra is None else extra,
         batch_size=inp.batch_size, limit=inp.limit, preprocess=preprocess,
-        image_size=m.image_size, split=inp.split, data_dir=inp.data_dir,
+        crop_pct=m.crop_pct, image_size=m.image_size, split=inp.split, data_dir=inp.data_dir,
         label_map=flags_lib.label_map_from(inp.label_map), num_devices=ev.devices,
         runs=ev.runs, warmup=ev.warmup, progress=ev.progress,
         sampling=video_sampling(config), **head)

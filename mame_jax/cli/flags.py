@@ -20,28 +20,39 @@ first: ``--config``, ``--config=...``, ``--config.a.b=v`` and
 A short flag is an argparse option whose ``dest`` maps to a config field (or
 to a function that sets fields); it wins when given. Its default is
 ``argparse.SUPPRESS``, so that only flags actually given take part.
+
+``model.arch`` is open: a config file may add any key to it, and an override
+``--config.model.arch.NAME=VALUE`` may add any ``vit.Model`` attribute, parsed
+as that attribute's type (:func:`arch_fields`; ``--config.model.arch.num_heads=4``,
+``--config.model.arch.ln_eps=1e-5``, ``--config.model.arch.patch_size="(14, 14)"``).
+An override of a name ``vit.Model`` does not have is an error listing those it has.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
 import sys
+import typing
 import warnings
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 from absl import flags as absl_flags
 import ml_collections
-from ml_collections import config_flags
+from ml_collections import config_dict, config_flags
 from ml_collections.config_flags import config_path
 
 # The parts of a config that belong to one command each; a command ignores the
 # others' (one file may describe a model for several commands).
 COMMAND_SECTIONS = ("eval", "calibrate", "visualize", "train")
-# The parts whose keys a config file may add (vit.Model attributes).
+# The parts whose keys a config file or an override may add (vit.Model attributes).
 OPEN_SECTIONS = ("model.arch",)
+# Fields of vit.Model that are not architecture: flax's own, and the merge (the
+# config's merge part sets it).
+_NOT_ARCH = ("parent", "name", "merge")
 _OVERRIDE = re.compile(r"^--?(no)?config\.([A-Za-z_][\w.]*)(=.*)?$", re.S)
 _FILE = re.compile(r"^--?config(=(.*))?$", re.S)
 
@@ -198,6 +209,46 @@ def _unknown_field(config, path: str) -> ConfigError:
   return ConfigError(f"--config.{path}: unknown config field {path!r}{extra}")
 
 
+def arch_fields() -> dict:
+  """``{name: type}`` of the ``vit.Model`` attributes an open section takes, each
+  with the type its override is parsed as: the attribute's own when it is ``int``,
+  ``float``, ``bool`` or ``str`` (``Optional[T]`` as ``T``), else ``object``, which
+  ml_collections parses as a Python literal (``(14, 14)``, ``None``; other text
+  stays a string)."""
+  from mame_jax.models import vit  # pylint: disable=import-outside-toplevel
+  hints = typing.get_type_hints(vit._Model)  # pylint: disable=protected-access
+  out = {}
+  for field in dataclasses.fields(vit._Model):  # pylint: disable=protected-access
+    if field.name in _NOT_ARCH:
+      continue
+    hint = hints[field.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(args) == 1:  # Optional[T]
+      hint = args[0]
+    out[field.name] = hint if hint in (int, float, bool, str) else object
+  return out
+
+
+def add_open_fields(config: ml_collections.ConfigDict, paths: Sequence[str]) -> None:
+  """Adds to an open section (:data:`OPEN_SECTIONS`) each field that one of the
+  override ``paths`` (``"model.arch.num_heads"``) names and the section does not
+  hold yet: a placeholder of its :func:`arch_fields` type, which the override then
+  sets. A name ``vit.Model`` does not have is a ``ConfigError`` listing those it has."""
+  fields = None
+  for path in paths:
+    section, _, name = path.rpartition(".")
+    if section not in OPEN_SECTIONS or not has_field(config, section):
+      continue
+    node = config_path.get_value(section, config)
+    if name in node:
+      continue
+    fields = fields or arch_fields()
+    if name not in fields:
+      raise ConfigError(f"--config.{path}: vit.Model has no attribute {name!r}; {section} "
+                        f"takes: {', '.join(sorted(fields))}")
+    node[name] = config_dict.placeholder(fields[name])
+
+
 def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Sequence[str]) -> ml_collections.ConfigDict:
   """The ``--config.a.b=value`` tokens applied to ``config`` by ml_collections'
@@ -229,7 +280,9 @@ def resolve(prog: str, parser: argparse.ArgumentParser, argv: Optional[Sequence[
   argparse does (status 2, ``prog: error: ...``)."""
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
-    config_file, _, _ = split_argv(argv, is_bool=lambda path: True)  # the file only
+    # The file, and the fields the overrides name (their values are split off
+    # right only once the fields' types are known, below).
+    config_file, named, _ = split_argv(argv, is_bool=lambda path: True)
     config = default_config
     config.lock()
     for path in OPEN_SECTIONS:
@@ -237,6 +290,7 @@ def resolve(prog: str, parser: argparse.ArgumentParser, argv: Optional[Sequence[
         config_path.get_value(path, config).unlock()
     if config_file is not None:
       merge_into(config, load_config_file(config_file), f"--config {config_file}")
+    add_open_fields(config, [m.group(2) for m in map(_OVERRIDE.match, named) if m])
     is_bool = lambda path: has_field(config, path) and field_type(config, path) is bool
     _, overrides, rest = split_argv(argv, is_bool)
     config = apply_overrides(config, overrides)
@@ -335,6 +389,10 @@ def add_common_flags(parser: argparse.ArgumentParser, preprocess_choices=None) -
   parser.add_argument("--image-size", type=int, default=s, help="model.image_size")
   parser.add_argument("--preprocess", default=s, choices=preprocess_choices,
                       help="model.preprocess")
+  parser.add_argument("--crop-pct", type=float, default=s,
+                      help="model.crop_pct: the share of the resized image the central "
+                           "crop keeps (1.0: resize to the model's size, no crop; default: "
+                           "the preprocessing's own)")
   parser.add_argument("--dtype", default=s, choices=("float32", "bfloat16", "float16"),
                       help="model.dtype: matmul dtype (vit.Model dtype_mm)")
   parser.add_argument("--runs", type=int, default=s, help="eval.runs: timed calls per method")
@@ -365,7 +423,7 @@ def add_common_flags(parser: argparse.ArgumentParser, preprocess_choices=None) -
   return {
       "checkpoint": "model.checkpoint", "random_init": random_init,
       "num_classes": "model.num_classes", "image_size": "model.image_size",
-      "dtype": "model.dtype", "preprocess": "model.preprocess",
+      "dtype": "model.dtype", "preprocess": "model.preprocess", "crop_pct": "model.crop_pct",
       "tau": "merge.tau", "tome_r": "merge.tome_r", "merge_layers": "merge.layers",
       "evit": "merge.evit", "diffrate": "merge.diffrate",
       "data": "input.data", "split": "input.split", "data_dir": "input.data_dir",

@@ -19,18 +19,31 @@ Sources (``load_source(name)``), each a deterministic, indexable sequence of
 * ``photos``: the photographs that ship with scikit-image (:data:`PHOTOS`),
   unlabelled (label ``-1``).
 
-Preprocessing (``preprocess_fn(kind, image_size)``; uint8 ``(H, W, 3)`` ->
-float32 ``(S, S, 3)`` in [-1, 1]), one per model family:
+Preprocessing (``preprocess_fn(kind, image_size, crop_pct)``; uint8 ``(H, W, 3)``
+-> float32 ``(S, S, 3)`` in [-1, 1]), one per model family. Each resizes the
+image so that a central ``S x S`` crop keeps ``crop_pct`` of it, timm's
+convention: the resized side is ``S / crop_pct``, and ``crop_pct = 1.0`` resizes
+to ``S`` and crops nothing more (an ``S x S`` image comes out unchanged, only
+scaled to [-1, 1]). ``crop_pct=None`` is the family's own (:data:`CROP_PCT`):
 
-* ``"big_vision"`` (AugReg, big_vision ``vit_i1k``): ``resize_small(S / 0.875)``
-  with TensorFlow's *area* resize (no antialias), truncated back to uint8 as
-  big_vision does, ``central_crop(S)``, ``value_range(-1, 1)``.
-* ``"timm"`` (DeiT, MAE): the short side to ``floor(S / 0.875)`` with PIL's
-  bicubic resize (what torchvision's ``Resize`` does on PIL images), central
-  crop ``S`` (torchvision's rounding), values to [-1, 1]; the model applies the
-  ImageNet mean/std itself (``vit.Model(input_norm=...)``).
-* ``"siglip"``: square bilinear resize to ``S`` (half-pixel centres, no
-  antialias, as ``tf.image.resize``), values to [-1, 1].
+* ``"big_vision"`` (AugReg, big_vision ``vit_i1k``; 0.875):
+  ``resize_small(round(S / crop_pct))`` with TensorFlow's *area* resize (no
+  antialias), truncated back to uint8 as big_vision does, ``central_crop(S)``,
+  ``value_range(-1, 1)``.
+* ``"timm"`` (DeiT, MAE; 0.875, their evaluation scripts' ``224 / 256``): the
+  short side to ``floor(S / crop_pct)`` with PIL's bicubic resize (what
+  torchvision's ``Resize`` does on PIL images), central crop ``S``
+  (torchvision's rounding), values to [-1, 1]; the model applies the ImageNet
+  mean/std itself (``vit.Model(input_norm=...)``).
+* ``"siglip"`` (1.0): square bilinear resize to ``round(S / crop_pct)``
+  (half-pixel centres, no antialias, as ``tf.image.resize``), central crop ``S``,
+  values to [-1, 1].
+* ``"clip"`` (1.0, transformers' ``CLIPImageProcessor``): the short side to
+  ``floor(S / crop_pct)`` (bicubic), a central ``S x S`` crop.
+* ``"resize"`` (1.0): the whole image squashed to a ``floor(S / crop_pct)``
+  square (PIL bicubic, aspect ratio not kept; timm's ``crop_mode="squash"``),
+  central crop ``S``. For models trained on images resized to ``S``, or on
+  images that already are ``S x S``.
 
 Batches (:class:`Loader`): every batch has exactly ``batch_size`` rows, in the
 source's order. Rows that are not real images -- the padding of the last batch
@@ -71,8 +84,12 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
           "immunohistochemistry", "brick", "camera", "clock", "coins", "grass", "gravel",
           "moon", "retina")
 
-PREPROCESS = ("big_vision", "timm", "siglip", "clip")
-CROP_PCT = 0.875  # 224 / 256
+PREPROCESS = ("big_vision", "timm", "siglip", "clip", "resize")
+# Each family's crop_pct (the share of the resized image its central crop keeps),
+# as its reference code has it: big_vision's resize_small(256)|central_crop(224),
+# DeiT's and MAE's evaluation transforms (224 / 256); CLIP resizes the short side
+# to S, SigLIP and "resize" the whole image.
+CROP_PCT = {"big_vision": 0.875, "timm": 0.875, "siglip": 1.0, "clip": 1.0, "resize": 1.0}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
                     ".ppm", ".pgm")
 TFDS_DEFAULT_SPLITS = {"imagenet2012": "validation", "imagenette": "validation",
@@ -153,58 +170,100 @@ def _central_crop(image, size: int, rounding=lambda v: v // 2):
   return image[top:top + size, left:left + size]
 
 
-def preprocess_big_vision(image, size: int = 224) -> np.ndarray:
-  """big_vision ``decode|resize_small(S/0.875)|central_crop(S)|value_range(-1,1)``."""
+def _resize(image, hw, method: str) -> np.ndarray:
+  """uint8 ``(H, W, 3)`` -> uint8 ``(h, w, 3)``: ``"area"`` or ``"bilinear"``
+  (TensorFlow's, truncated to uint8 as big_vision does) or ``"bicubic"`` (PIL's).
+  An image already of that size is returned as it is."""
+  hw = (int(hw[0]), int(hw[1]))
+  if image.shape[:2] == hw:
+    return image
+  if method == "bicubic":
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    return np.asarray(Image.fromarray(image).resize((hw[1], hw[0]), Image.BICUBIC))
+  return _to_uint8({"area": resize_area, "bilinear": resize_bilinear}[method](image, hw))
+
+
+def _torch_round(v):
+  return round(v / 2.0)  # torchvision's CenterCrop offsets
+
+
+def preprocess_big_vision(image, size: int = 224, crop_pct: float = CROP_PCT["big_vision"]
+                          ) -> np.ndarray:
+  """big_vision ``decode|resize_small(S/crop_pct)|central_crop(S)|value_range(-1,1)``."""
   image = to_rgb_uint8(image)
   h, w = image.shape[:2]
-  factor = round(size / CROP_PCT) / min(h, w)
+  factor = round(size / crop_pct) / min(h, w)
   hw = (max(int(round(h * factor)), size), max(int(round(w * factor)), size))
-  image = _to_uint8(resize_area(image, hw))
+  return _value_range(_central_crop(_resize(image, hw, "area"), size))
+
+
+def preprocess_timm(image, size: int = 224, crop_pct: float = CROP_PCT["timm"]) -> np.ndarray:
+  """timm's eval transform (``crop_pct``, bicubic), values in [-1, 1]."""
+  image = to_rgb_uint8(image)
+  h, w = image.shape[:2]
+  short = math.floor(size / crop_pct)
+  # torchvision Resize(int): the short side to `short`, the long side truncated.
+  hw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+  return _value_range(_central_crop(_resize(image, hw, "bicubic"), size, _torch_round))
+
+
+def preprocess_siglip(image, size: int = 224, crop_pct: float = CROP_PCT["siglip"]
+                      ) -> np.ndarray:
+  """big_vision ``resize(S/crop_pct)`` (bilinear, square) ``|central_crop(S)|
+  value_range(-1, 1)``; at the default 1.0, SigLIP's ``resize(S)``."""
+  side = round(size / crop_pct)
+  image = _resize(to_rgb_uint8(image), (side, side), "bilinear")
   return _value_range(_central_crop(image, size))
 
 
-def preprocess_timm(image, size: int = 224) -> np.ndarray:
-  """timm's eval transform (``crop_pct=0.875``, bicubic), values in [-1, 1]."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
+def preprocess_clip(image, size: int = 224, crop_pct: float = CROP_PCT["clip"]) -> np.ndarray:
+  """CLIP's (transformers' CLIPImageProcessor): the short side resized to
+  ``S / crop_pct`` (bicubic; ``S`` by default), a central ``S x S`` crop, values in
+  [-1, 1] (CLIP's mean / std are applied inside the model)."""
   image = to_rgb_uint8(image)
   h, w = image.shape[:2]
-  short = math.floor(size / CROP_PCT)
-  # torchvision Resize(int): the short side to `short`, the long side truncated.
-  hw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
-  resized = Image.fromarray(image).resize((hw[1], hw[0]), Image.BICUBIC)
-  crop = _central_crop(np.asarray(resized), size, rounding=lambda v: round(v / 2.0))
-  return _value_range(crop)
+  short = math.floor(size / crop_pct)
+  hw = ((short, max(short, round(short * w / h))) if h <= w
+        else (max(short, round(short * h / w)), short))
+  return _value_range(_central_crop(_resize(image, hw, "bicubic"), size, _torch_round))
 
 
-def preprocess_siglip(image, size: int = 224) -> np.ndarray:
-  """big_vision ``resize(S)`` (bilinear, square) ``|value_range(-1, 1)``."""
-  image = to_rgb_uint8(image)
-  return _value_range(_to_uint8(resize_bilinear(image, (size, size))))
-
-
-def preprocess_clip(image, size: int = 224) -> np.ndarray:
-  """CLIP's (transformers' CLIPImageProcessor): the short side resized to ``S``
-  (bicubic), a central ``S x S`` crop, values in [-1, 1] (CLIP's mean / std are
-  applied inside the model)."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  image = to_rgb_uint8(image)
-  h, w = image.shape[:2]
-  hw = (size, max(size, round(size * w / h))) if h <= w else (max(size, round(size * h / w)), size)
-  resized = Image.fromarray(image).resize((hw[1], hw[0]), Image.BICUBIC)
-  return _value_range(_central_crop(np.asarray(resized), size,
-                                    rounding=lambda v: round(v / 2.0)))
+def preprocess_resize(image, size: int = 224, crop_pct: float = CROP_PCT["resize"]
+                      ) -> np.ndarray:
+  """The whole image resized to a ``S / crop_pct`` square (PIL bicubic, aspect ratio
+  not kept: timm's ``crop_mode="squash"``), a central ``S x S`` crop, values in
+  [-1, 1]; at the default 1.0, a plain resize to ``S x S``."""
+  side = math.floor(size / crop_pct)
+  image = _resize(to_rgb_uint8(image), (side, side), "bicubic")
+  return _value_range(_central_crop(image, size, _torch_round))
 
 
 _PREPROCESS = {"big_vision": preprocess_big_vision, "timm": preprocess_timm,
-               "siglip": preprocess_siglip, "clip": preprocess_clip}
+               "siglip": preprocess_siglip, "clip": preprocess_clip,
+               "resize": preprocess_resize}
 
 
-def preprocess_fn(kind: str, image_size: int = 224) -> Callable[[np.ndarray], np.ndarray]:
-  """The preprocessing of a model family: uint8 ``(H, W, 3)`` -> float32
-  ``(S, S, 3)`` in [-1, 1]. ``kind``: one of :data:`PREPROCESS`."""
+def crop_pct_for(kind: str, crop_pct: Optional[float] = None) -> float:
+  """``crop_pct`` checked (``0 < crop_pct <= 1``), or ``kind``'s own when ``None``."""
   if kind not in _PREPROCESS:
     raise ValueError(f"Unknown preprocessing {kind!r}; known: {PREPROCESS}")
-  return functools.partial(_PREPROCESS[kind], size=int(image_size))
+  if crop_pct is None:
+    return CROP_PCT[kind]
+  if isinstance(crop_pct, bool) or not 0 < float(crop_pct) <= 1:
+    raise ValueError(f"crop_pct must be in (0, 1] (the share of the resized image the "
+                     f"central crop keeps; 1.0: resize to the model's size, no crop); got "
+                     f"{crop_pct!r}")
+  return float(crop_pct)
+
+
+def preprocess_fn(kind: str, image_size: int = 224, crop_pct: Optional[float] = None
+                  ) -> Callable[[np.ndarray], np.ndarray]:
+  """The preprocessing of a model family: uint8 ``(H, W, 3)`` -> float32
+  ``(S, S, 3)`` in [-1, 1]. ``kind``: one of :data:`PREPROCESS`; ``crop_pct``: the
+  share of the resized image the central crop keeps (``None``: the family's own,
+  :data:`CROP_PCT`; 1.0: resize to ``S``, no crop)."""
+  crop_pct = crop_pct_for(kind, crop_pct)
+  return functools.partial(_PREPROCESS[kind], size=int(image_size), crop_pct=crop_pct)
 
 
 def preprocess_for(model) -> str:
@@ -642,11 +701,11 @@ def describe_corrupt(corrupt: Sequence[tuple], shown: int = 5) -> str:
   return f"{len(corrupt)} corrupt image(s) counted and left out of the metrics: {names}{more}"
 
 
-__all__ = ["Batch", "Loader", "Source", "PREPROCESS", "PHOTOS", "IMAGENETTE_WNIDS",
+__all__ = ["Batch", "Loader", "Source", "CROP_PCT", "PREPROCESS", "PHOTOS", "IMAGENETTE_WNIDS",
            "IMAGENETTE_TO_IMAGENET", "array_source", "decode_image", "describe_corrupt",
            "folder_source", "imagenet_wnids",
-           "load_image", "load_source", "photos_source", "preprocess_fn", "preprocess_for",
-           "resize_area", "resize_bilinear", "tfds_source", "to_rgb_uint8"]
+           "load_image", "load_source", "photos_source", "crop_pct_for", "preprocess_fn",
+           "preprocess_for", "resize_area", "resize_bilinear", "tfds_source", "to_rgb_uint8"]
 
 
 def load_digits(size: int = 32) -> tuple[np.ndarray, np.ndarray]:

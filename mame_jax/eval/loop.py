@@ -83,7 +83,7 @@ from mame_jax.models.vit import image_size_of
 
 def evaluate(model, params, data, *, taus=(DEFAULT_TAU,), tome_r=(), merge_layers=None, extra=(),
              tome_recipe: str = "timm", mame_fields=None, batch_size: int = 256,
-             limit: Optional[int] = None, preprocess=None,
+             limit: Optional[int] = None, preprocess=None, crop_pct=None,
              image_size=None, split=None, data_dir=None, label_map=None,
              num_devices: Optional[int] = None, runs: int = 7, warmup: int = 2,
              progress: Optional[bool] = None, stream=None, head=None,
@@ -102,8 +102,12 @@ def evaluate(model, params, data, *, taus=(DEFAULT_TAU,), tome_r=(), merge_layer
     batch_size: global batch; a multiple of the device count. The last batch
       is padded to it (padding rows repeat a real image and are not counted).
     limit: evaluate the first ``limit`` images only.
-    preprocess: ``"big_vision"``, ``"timm"``, ``"siglip"``, a callable, or
+    preprocess: one of ``mame_jax.eval.data.PREPROCESS`` (``"big_vision"``,
+      ``"timm"``, ``"siglip"``, ``"clip"``, ``"resize"``), a callable, or
       ``None``/``"auto"`` (:func:`mame_jax.eval.data.preprocess_for`).
+    crop_pct: the share of the resized image the central crop keeps (1.0: resize
+      to the model's size, no crop); ``None``: the preprocessing's own
+      (``mame_jax.eval.data.CROP_PCT``). Not with a callable ``preprocess``.
     image_size: side of the model's input; default from the position
       embeddings (``params``), else 224.
     num_devices: shard over the first ``num_devices`` local devices (default:
@@ -147,7 +151,12 @@ def evaluate(model, params, data, *, taus=(DEFAULT_TAU,), tome_r=(), merge_layer
     size = int(image_size or image_size_of(model, params))
     kind = preprocess if callable(preprocess) else (
         data_lib.preprocess_for(model) if preprocess in (None, "auto") else preprocess)
-    prep = kind if callable(kind) else data_lib.preprocess_fn(kind, size)
+    if callable(kind) and crop_pct is not None:
+      raise ValueError("crop_pct applies to the named preprocessings "
+                       f"{data_lib.PREPROCESS}; a callable preprocess does its own")
+    if not callable(kind):
+      crop_pct = data_lib.crop_pct_for(kind, crop_pct)
+    prep = kind if callable(kind) else data_lib.preprocess_fn(kind, size, crop_pct)
 
   mesh = make_mesh(num_devices)
   ndev = mesh.devices.size
@@ -265,6 +274,7 @@ def evaluate(model, params, data, *, taus=(DEFAULT_TAU,), tome_r=(), merge_layer
       image_size=size,
       preprocess=("videomae" if is_video else kind if isinstance(kind, str)
                   else getattr(kind, "__name__", "custom")),
+      crop_pct=None if is_video or callable(kind) else crop_pct,
       device=timing.device_description(), date=timing.today(), timing_runs=runs,
       predictions={m.name: np.concatenate(p) if p else np.zeros((0,), np.int64)
                    for m, p in zip(methods, preds)},

@@ -29,11 +29,13 @@ def format_report(result: dict) -> str:
         r["mean_tokens_per_layer"], r.get("mean_paid_per_layer"), r["measured_speedup"],
         r["ideal_speedup"]))))
   unit = "videos" if video else "images"
+  crop = result.get("crop_pct")  # None: video sampling or a callable of the caller's
   head = (f"{result['data']}: {result['num_images']} {unit} "
           f"({result['num_labelled']} labelled), batch {result['batch_size']} on "
           f"{result['num_devices']} device(s), {result['image_size']}px "
-          f"{result['preprocess']} preprocessing\n{result['device']}, {result['date']}; "
-          "GFLOPs from XLA (2 per multiply-add)")
+          f"{result['preprocess']} preprocessing"
+          f"{'' if crop is None else f' (crop_pct {crop})'}\n{result['device']}, "
+          f"{result['date']}; GFLOPs from XLA (2 per multiply-add)")
   if video:
     s = result["sampling"]
     head += (f"\n{s['num_frames']} frames at stride {s['stride']}, {s['clips']} clip(s) x "

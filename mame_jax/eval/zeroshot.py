@@ -62,9 +62,12 @@ class ZeroShot:
     if not templates or any(t.count("{}") != 1 for t in templates):
       raise ValueError(f"templates must each hold exactly one '{{}}'; got {templates!r}")
     tokenizers.check_vocab(tokenizer, params)
-    if model.txt.max_len is not None and tokenizer.length != model.txt.max_len:
-      raise ValueError(f"tokenizer length {tokenizer.length} != the text tower's "
-                       f"max_len {model.txt.max_len}")
+    txt = model.txt
+    if txt.max_len is not None and (tokenizer.length > txt.max_len or (
+        tokenizer.length != txt.max_len and txt.fixed_length)):
+      takes = "exactly" if txt.fixed_length else "at most"
+      raise ValueError(f"tokenizer length {tokenizer.length}: the text tower takes "
+                       f"{takes} {txt.max_len} tokens (its max_len)")
     self.model, self.params, self.tokenizer = model, params, tokenizer
     self.canonicalize = bool(canonicalize)
     self.templates = tuple(tokenizers.canonical_template(t) if canonicalize else t

@@ -41,6 +41,10 @@ What CLIP does differently, and how each is followed exactly:
   ``CLIPTextTransformer``: configs with the legacy ``eos_token_id == 2`` (OpenAI's
   files) pool at the largest id (the end-of-text token is the vocabulary's last),
   others at the first position holding ``eos_token_id`` (``text.POOL_TYPES``).
+  Texts of any length from 1 to ``max_position_embeddings`` (77 for OpenAI's)
+  are taken, with position ids ``0..L-1``, as ``CLIPTextModel`` takes them
+  (``text.Model(fixed_length=False)``): ids padded to the longest text of a batch
+  give each text the embedding it has alone; longer texts are an error.
 * both: LayerNorm eps from ``layer_norm_eps`` (1e-5), the MLP activation from
   ``hidden_act`` (``quick_gelu`` for OpenAI's, ``gelu`` for others), heads from
   ``num_attention_heads``.
@@ -299,7 +303,7 @@ def canonical_text(config: Mapping, parts: Mapping, source="checkpoint") -> tupl
   kw = dict(width=int(width), depth=depth, num_heads=heads, vocab_size=int(vocab),
             mlp_dim=int(flat[f"{siglip.TEXT_ENCODER}/encoderblock_0/MlpBlock_0/Dense_0/"
                              "kernel"].shape[1]),
-            max_len=int(flat["pos_embedding"].shape[1]), causal=True,
+            max_len=int(flat["pos_embedding"].shape[1]), fixed_length=False, causal=True,
             pool_type="argmax" if eos == LEGACY_EOS else "eos", eos_id=eos,
             ln_eps=float(tcfg.get("layer_norm_eps", DEFAULT_LN_EPS)),
             **_activation(tcfg, source, "text"))

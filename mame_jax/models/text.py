@@ -22,6 +22,11 @@ the EOS or a pad id equal to it (SigLIP) or a pad after it (SigLIP 2). This
 model does exactly the same, so its embeddings are those of the released
 checkpoints.
 
+Text length: big_vision's towers take exactly ``max_len`` tokens, the length they
+were trained at (``fixed_length=True``, the default). CLIP's towers
+(``mame_jax.models.clip``) take any length from 1 to ``max_len``, as transformers'
+``CLIPTextModel`` does: position rows ``0..L-1`` of the table.
+
 Not kept from big_vision: ``vocab_logits`` (the embedding used as an output
 layer, a ``(B, L, V)`` product with V up to 256k) -- contrastive use never needs it.
 """
@@ -53,9 +58,10 @@ def l2_normalize(z):
   return z / (jnp.linalg.norm(z, axis=-1, keepdims=True) + NORM_EPS)
 
 
-def check_texts(texts, max_len: Optional[int] = None) -> None:
+def check_texts(texts, max_len: Optional[int] = None, fixed_length: bool = True) -> None:
   """Raises ``ValueError`` unless ``texts`` are token ids the text tower takes:
-  integers of shape ``(B, L)``, ``L == max_len`` when the model has a fixed length.
+  integers of shape ``(B, L)``; with ``max_len`` set, ``L == max_len`` when
+  ``fixed_length`` (big_vision's towers) and ``1 <= L <= max_len`` otherwise (CLIP's).
   Looks only at shapes and dtypes (before tracing; never syncs with a device)."""
   shape = tuple(getattr(texts, "shape", np.shape(texts)))
   dtype = getattr(texts, "dtype", None)
@@ -66,10 +72,18 @@ def check_texts(texts, max_len: Optional[int] = None) -> None:
   if not np.issubdtype(dtype, np.integer):
     raise ValueError(f"texts must be integer token ids (from mame_jax.tokenizers."
                      f"Tokenizer); got dtype {dtype}")
-  if max_len is not None and shape[1] != max_len:
+  if shape[1] < 1:
+    raise ValueError(f"texts must hold at least one token; got shape {shape}")
+  if max_len is None:
+    return
+  if fixed_length and shape[1] != max_len:
     raise ValueError(f"texts have {shape[1]} tokens but the text tower takes exactly "
                      f"{max_len} (its pos_embedding has {max_len} rows); tokenize with "
                      f"Tokenizer(..., length={max_len})")
+  if shape[1] > max_len:
+    raise ValueError(f"texts have {shape[1]} tokens but the text tower takes at most "
+                     f"{max_len} (its pos_embedding has {max_len} rows); truncate them to "
+                     f"{max_len} tokens, e.g. CLIPTokenizer(..., length={max_len})")
 
 
 class _TextTransformer(nn.Module):
@@ -81,8 +95,16 @@ class _TextTransformer(nn.Module):
   ``pre_logits`` (the pooled vector), ``logits`` (after ``head``) and ``norm``.
 
   Attributes as big_vision's text transformer, plus:
-    max_len: the token count the model takes (its ``pos_embedding`` rows); when
-      set, other lengths fail with a clear error instead of flax's shape error.
+    max_len: the size of the position table (``pos_embedding`` rows); when set,
+      texts of another length than the tower takes (``fixed_length``) fail with a
+      clear error instead of flax's shape error. ``None``: the table is made for
+      the texts of the first call.
+    fixed_length: with ``max_len``, whether texts must have exactly ``max_len``
+      tokens (``True``, big_vision's rule: its towers are trained and released at
+      one length) or any length from 1 to ``max_len`` (``False``, transformers'
+      ``CLIPTextModel``: a text of ``L`` tokens gets the position rows ``0..L-1``;
+      with causal attention and end-of-text pooling, padding after the text
+      changes nothing, so ``L`` may be the batch's longest text).
     normalize: L2-normalise the output (the two-tower model normalises itself and
       builds its text tower with ``normalize=False``).
     dtype_mm, dtype, attention: as in ``vit.Model``.
@@ -103,6 +125,7 @@ class _TextTransformer(nn.Module):
   scan: bool = False
   remat_policy: str = "nothing_saveable"
   max_len: Optional[int] = None
+  fixed_length: bool = True
   normalize: bool = True
   dtype_mm: Any = "float32"
   dtype: Any = "float32"
@@ -119,15 +142,16 @@ class _TextTransformer(nn.Module):
       raise ValueError(f"Unknown text pool type {self.pool_type!r}; one of {POOL_TYPES}")
     if self.pool_type == "eos" and self.eos_id is None:
       raise ValueError("pool_type='eos' needs eos_id, the end-of-text token id")
-    check_texts(texts, self.max_len)
+    check_texts(texts, self.max_len, self.fixed_length)
     out = {}
     embedding = nn.Embed(self.vocab_size, self.width, name="Embed_0",
                          param_dtype=jnp.float32)
     x = out["embedded"] = embedding(jnp.asarray(texts, jnp.int32))
     _, length, d = x.shape
+    # The whole table is the parameter; a shorter text takes its first rows.
     pos = self.param("pos_embedding", nn.initializers.normal(stddev=1 / np.sqrt(d)),
-                     (1, length, d), jnp.float32)
-    x = (x + pos).astype(self.dtype)
+                     (1, self.max_len or length, d), jnp.float32)
+    x = (x + pos[:, :length]).astype(self.dtype)
     x = nn.Dropout(rate=self.dropout)(x, not train)
 
     x, _, _, enc = vit.Encoder(

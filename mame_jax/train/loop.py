@@ -313,6 +313,7 @@ def evaluate_params(model, params, source, config) -> dict:
                               batch_size=int(config.input.batch_size),
                               limit=config.input.eval_limit,
                               preprocess=config.input.preprocess,
+                              crop_pct=config.input.crop_pct,
                               image_size=int(config.input.image_size), runs=3, warmup=1,
                               progress=False)
   row, base = result["rows"][-1], result["rows"][0]
