@@ -42,7 +42,7 @@ import jax
 import numpy as np
 
 import mame_jax as mj
-from benchmarks.vit_throughput import measure_all, photo_batch
+from benchmarks.vit_throughput import add_speedups, measure_all, photo_batch
 from mame_jax.eval import matching, timing
 from mame_jax.eval.report import write_json
 
@@ -94,13 +94,9 @@ def bench_model(variant, args, images):
     methods.append((method, out, dict(
         setting=setting, final_tokens=float(np.asarray(maux["tokens_per_block"])[:, -1].mean()))))
 
-  rows = measure_all(methods, params, images, args.runs)
-  base = rows[0]
+  rows = add_speedups(measure_all(methods, params, images, args.runs))
   for row in rows:
     row["model"] = name
-    row["measured_speedup"] = row["images_per_s"] / base["images_per_s"]
-    row["ideal_speedup"] = base["gflops_per_image"] / row["gflops_per_image"]
-    row["measured_over_ideal"] = row["measured_speedup"] / row["ideal_speedup"]
   return rows
 
 

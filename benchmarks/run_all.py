@@ -25,7 +25,7 @@ if not __package__:  # run as a file, not with -m: see benchmarks/__init__.py
 
 import jax
 
-from benchmarks import (baselines, digits, dit_digits, generation, merge_op, real_backbone,
+from benchmarks import (baselines, dense, digits, dit_digits, generation, merge_op, real_backbone,
                         siglip_throughput, train_step, video_throughput, vision_tokens_throughput,
                         vit_throughput)
 from benchmarks.vit_throughput import weights_line
@@ -49,8 +49,10 @@ def render(op: dict, vit: dict, command: str, render_only: bool = False) -> str:
       "runs, each ending in `block_until_ready` (`mame_jax/eval/timing.py`); GFLOPs from",
       "XLA's cost analysis (2 FLOPs per multiply-add, so about twice fvcore's figures).",
   ]
-  # The real backbone comes first: the other sections time random weights.
+  # The real backbone comes first, then the real dense model on it: the other
+  # sections time random weights.
   lines += real_backbone.section()
+  lines += dense.section()
   lines += [
       "",
       "## The merge op beside one self-attention",

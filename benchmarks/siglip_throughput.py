@@ -38,7 +38,8 @@ if not __package__:  # run as a file, not with -m: see benchmarks/__init__.py
 import numpy as np
 
 import mame_jax as mj
-from benchmarks.vit_throughput import batch_wide_note, measure_all, open_section, photo_batch
+from benchmarks.vit_throughput import (add_speedups, batch_wide_note, measure_all, open_section,
+                                       photo_batch)
 from mame_jax.eval import timing
 from mame_jax.eval.data import PHOTOS
 from mame_jax.eval.matching import tome_r_for_ratio
@@ -86,14 +87,10 @@ def bench_batch(model, params, images, taus, runs, warmup):
         r=r, matches_tau=matched, tokens_per_layer=[float(t) for t in tokens])))
   print(f"SigLIP B/16 image tower, {images.shape[1]} px ({length} tokens), batch {batch}",
         flush=True)
-  rows = measure_all(methods, params, images, runs, warmup)
-  base = rows[0]
+  rows = add_speedups(measure_all(methods, params, images, runs, warmup))
   for row in rows:
     row["model"] = "SigLIP B/16 img"
     row["batch"] = batch
-    row["measured_speedup"] = row["images_per_s"] / base["images_per_s"]
-    row["ideal_speedup"] = base["gflops_per_image"] / row["gflops_per_image"]
-    row["measured_over_ideal"] = row["measured_speedup"] / row["ideal_speedup"]
   return rows
 
 

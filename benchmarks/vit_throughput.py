@@ -131,6 +131,18 @@ def measure_all(methods, params, images, runs, warmup=2):
   return rows
 
 
+def add_speedups(rows) -> list:
+  """Each row's ``measured_speedup`` (images/s) and ``ideal_speedup`` (GFLOPs per
+  image of the program that runs) against ``rows[0]``, the baseline, and their
+  ratio ``measured_over_ideal``; returns ``rows``."""
+  base = rows[0]
+  for row in rows:
+    row["measured_speedup"] = row["images_per_s"] / base["images_per_s"]
+    row["ideal_speedup"] = base["gflops_per_image"] / row["gflops_per_image"]
+    row["measured_over_ideal"] = row["measured_speedup"] / row["ideal_speedup"]
+  return rows
+
+
 def bench_model(variant, args, images):
   dtype = args.dtype
   model = mj.Model(1000, variant=variant, pool_type="tok", dtype_mm=dtype)
@@ -174,13 +186,10 @@ def bench_model(variant, args, images):
                   dict(r=r, tokens_per_layer=np.asarray(taux["tokens_per_block"]).mean(0)
                        .round(1).tolist())))
 
-  rows = measure_all(methods, params, images, args.runs)
-  base, mame_row = rows[0], rows[1]
+  rows = add_speedups(measure_all(methods, params, images, args.runs))
+  mame_row = rows[1]
   for row in rows:
     row["model"] = f"ViT-{variant}"
-    row["measured_speedup"] = row["images_per_s"] / base["images_per_s"]
-    row["ideal_speedup"] = base["gflops_per_image"] / row["gflops_per_image"]
-    row["measured_over_ideal"] = row["measured_speedup"] / row["ideal_speedup"]
   slice_ms, mame_ms = rows[2]["ms_per_batch"], mame_row["ms_per_batch"]
   # Negative when MaMe ran faster than the free stand-in: below run-to-run noise.
   mame_row["merge_share_of_forward"] = (mame_ms - slice_ms) / mame_ms

@@ -96,7 +96,7 @@ MAME_FIELDS = ("preserve", "execution", "bucket_step")
 def mame_fields(merge_part) -> dict:
   """The ``MergeConfig`` fields a ``merge`` part sets for its MaMe rows
   (:data:`MAME_FIELDS` that it has), e.g. ``{"preserve": "sample", "execution":
-  "packed", "bucket_step": 16}``."""
+  "packed", "bucket_step": None}``."""
   return {k: merge_part[k] for k in MAME_FIELDS if k in merge_part}
 
 
@@ -161,7 +161,8 @@ def eval_config() -> ml_collections.ConfigDict:
       # blocks after a merge on the real tokens only. The paper's rule: batch, padded.
       preserve="sample",            # MaMe's preserved sources: sample | batch (paper)
       execution="packed",           # blocks after a merge: packed (real tokens) | padded
-      bucket_step=16,               # exact mode's capacities: multiples of this (or N)
+      bucket_step=placeholder(int), # exact mode's capacities: multiples of this (or N);
+                                    # None: 8 equal steps up to each layer's N
   ))
   config.input = input_config()
   config.eval = ml_collections.ConfigDict(dict(

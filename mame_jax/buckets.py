@@ -20,6 +20,14 @@ def linear_buckets(max_capacity: int, step: int = 16) -> tuple[int, ...]:
   return tuple(sorted(set(range(0, max_capacity, step)) | {max_capacity}))
 
 
+def even_buckets(max_capacity: int, count: int) -> tuple[int, ...]:
+  """``count`` equal steps up to ``max_capacity``, and 0: the step
+  ``ceil(max_capacity / count)`` scales with the capacity, so every size gets
+  at most ``count + 1`` buckets and wastes at most ``1 / count`` of it."""
+  _check_positive(count, "count")
+  return linear_buckets(max_capacity, max(1, -(-max_capacity // count)))
+
+
 def geometric_buckets(max_capacity: int, first: int = 8, growth: float = 2.0) -> tuple[int, ...]:
   """``(0, first, first*growth, ...)`` rounded up to multiples of 8, capped at
   ``max_capacity`` (which is always the last bucket). Few buckets, more padding

@@ -29,12 +29,10 @@ from typing import Callable, Optional
 import jax.numpy as jnp
 import numpy as np
 
-from mame_jax.buckets import bucket_for, linear_buckets
+from mame_jax.buckets import bucket_for
 from mame_jax.merge import check_tokens, is_traced, mame, num_sources
 from mame_jax.models.merging import MergeConfig, merge_counts
-from mame_jax.restore import copy_back, mare
-
-RESTORES = ("mare", "copy")
+from mame_jax.restore import RESTORES, restore as restore_stack
 
 
 def mame_mare(attend: Callable, x, tau, *, capacity: Optional[int] = None,
@@ -79,7 +77,7 @@ def mame_mare(attend: Callable, x, tau, *, capacity: Optional[int] = None,
     return (out, None) if return_info else out
   y, info = mame(x, tau, capacity=capacity, token_mask=token_mask, **mame_options)
   out = _check_output(attend(y, info.token_mask), y.shape[:2])
-  out = (mare if restore == "mare" else copy_back)(out, info)
+  out = restore_stack(out, [info], restore)
   return (out, info) if return_info else out
 
 
@@ -108,8 +106,8 @@ summary = merge_counts
 
 def layer_buckets(cfg: MergeConfig, length: int, num_special: int = 0) -> tuple:
   """The capacity buckets every merge layer of a generation stack draws from:
-  multiples of ``cfg.bucket_step`` up to ``N`` (all layers see ``length`` tokens)."""
-  return linear_buckets(num_sources(length, num_special), cfg.bucket_step)
+  ``cfg.buckets(N)`` (all layers see ``length`` tokens)."""
+  return cfg.buckets(num_sources(length, num_special))
 
 
 def initial_capacities(cfg: MergeConfig, length: int, num_special: int = 0,
@@ -147,4 +145,6 @@ def run_exact(step: Callable, cfg: MergeConfig, length: int, num_special: int = 
     grown = grow_capacities(cfg, caps, stats, length, num_special)
     if grown is None:
       return out, stats, caps
+    if grown == tuple(caps):  # cannot happen: the last bucket is N, which never overflows
+      raise RuntimeError(f"exact mode could not grow the overflowing layers of {caps}")
     caps = grown

@@ -16,6 +16,10 @@ from and come back as zeros (``info.dropped`` counts them).
 
 :func:`copy_back` is the other way to restore, ToMe-SD's "unmerge": no shares,
 every token receives a whole output (for comparisons with ToMe-SD).
+
+:func:`restore` undoes a *stack* of merges -- every merge block of a ViT, last
+first -- with either method; it reads MaMe's records and ToMe's, so a dense head
+(saliency, segmentation) gets its full token grid back whichever merge ran.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ import jax
 import jax.numpy as jnp
 
 from mame_jax.merge import MergeInfo, check_tokens, compute_dtype
+from mame_jax.tome import ToMeRecord, unmerge
+
+# How a merged sequence is put back: MaRe's shares (eqs. 11-13), or copy-back.
+RESTORES = ("mare", "copy")
 
 
 def mare(y, info: MergeInfo) -> jax.Array:
@@ -57,6 +65,52 @@ def copy_back(y, info: MergeInfo) -> jax.Array:
   """
   _check_args(y, info)
   return _restore(y, info, True)
+
+
+def restore(y, records, method: str = "mare") -> jax.Array:
+  """Undoes a stack of merges: ``y`` (B, L_k, D) -> (B, L_0, D).
+
+  Args:
+    y: the tokens after the last merge of the stack (any features ``D``).
+    records: the merge records in the order the merges ran, each a
+      :class:`~mame_jax.merge.MergeInfo` (MaMe) or a
+      :class:`~mame_jax.tome.ToMeRecord` (ToMe); ``None`` entries (blocks that
+      did not merge) are skipped. ``merging.merge_records`` reads them from a
+      ViT's ``aux``.
+    method: "mare" or "copy", applied to every record, last first:
+
+      * MaMe: :func:`mare` (eqs. 11-13) or :func:`copy_back`;
+      * ToMe: its own unmerge (every input token gets a copy of the token it was
+        merged into) for "copy"; for "mare" the same, divided by the number of
+        input tokens that output token absorbed -- MaRe's split with the unit
+        weights of ToMe's matching, so the mass is conserved as well.
+
+  Returns:
+    (B, L_0, D) in ``y.dtype``: every token of the first merge's input at its
+    position. With MaRe the per-sample sum of the tokens is conserved; copy-back
+    gives a token that was never merged exactly its own output.
+  """
+  if method not in RESTORES:
+    raise ValueError(f"method must be one of {RESTORES}; got {method!r}")
+  for k, record in reversed(list(enumerate(records))):
+    if record is None:
+      continue
+    if isinstance(record, MergeInfo):
+      y = (mare if method == "mare" else copy_back)(y, record)
+    elif isinstance(record, ToMeRecord):
+      y = _tome_restore(y, record, method == "mare")
+    else:
+      raise TypeError(f"records[{k}] must be a MergeInfo, a ToMeRecord or None; "
+                      f"got {type(record).__name__}")
+  return y
+
+
+def _tome_restore(y, record, split):
+  if split:  # each output's share: 1 / (input tokens it holds)
+    count = jax.vmap(lambda s: jnp.zeros((record.num_out,), jnp.float32).at[s].add(1.0))(
+        record.source)
+    y = (y.astype(compute_dtype(y.dtype)) / count[..., None]).astype(y.dtype)
+  return unmerge(record, y)
 
 
 def _check_args(y, info):

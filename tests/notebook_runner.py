@@ -22,7 +22,7 @@ except ImportError as e:
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 # Every notebook, by the test file that executes it.
 VISION = ("token_clusters", "differentiable_merge", "benchmark")
-MODELS = ("generation", "zero_shot_siglip", "vision_tokens")
+MODELS = ("generation", "zero_shot_siglip", "vision_tokens", "dense_saliency")
 NAMES = VISION + MODELS
 COLAB = "https://colab.research.google.com/github/mame-jax/mame-jax/blob/main/notebooks/{}.ipynb"
 

@@ -134,13 +134,14 @@ def test_an_unreachable_target_is_a_clear_error(crafted):
 
 
 def test_calibration_targets_the_program_that_runs(crafted):
-  """With the default 16-token buckets a layer of N = 8 sources runs either 0 or 8
-  preserved slots: keeping 2 real preserved tokens (13 tokens, tau just below
+  """With 16-token buckets (``bucket_step=16``) a layer of N = 8 sources runs
+  either 0 or 8 preserved slots: keeping 2 real preserved tokens (13 tokens, tau just below
   0.4) still runs all 17, so the target needs tau below b_0 = 0.1 (every source
   merges, the 0 bucket). The promise is then what the runner's program costs."""
   model, params, x = crafted
   target = 0.5 * (speedup_of(model, 13) + speedup_of(model, 15))
-  result = cal.calibrate(model, params, [x], target_speedup=target, merge_layers=(0,))
+  result = cal.calibrate(model, params, [x], target_speedup=target, merge_layers=(0,),
+                         merge=mj.MergeConfig(bucket_step=16))
   assert result.tau < 0.1 + 1e-6 and result.met
   runner = mj.Runner(model.clone(merge=result.merge), params)
   _, aux = runner(x)
@@ -149,12 +150,17 @@ def test_calibration_targets_the_program_that_runs(crafted):
   assert result.speedup == pytest.approx(speedup_of(model, 9))
   # The program-blind count (real tokens) of the tau the old rule picked, 0.4,
   # would have promised 13 tokens but run 17.
-  runner = mj.Runner(model.clone(merge=mj.MergeConfig(tau=0.39, layers=(0,))), params)
+  coarse = mj.MergeConfig(tau=0.39, layers=(0,), bucket_step=16)
+  runner = mj.Runner(model.clone(merge=coarse), params)
   _, aux = runner(x)
   padded, _ = runner.paid_tokens(x.shape)
   assert np.asarray(aux["tokens_per_block"])[0, 0] == 13 and padded[0] == 17
+  # The default buckets scale with N (8 steps of ceil(8 / 8) = 1 here): no slack.
+  runner = mj.Runner(model.clone(merge=coarse.replace(bucket_step=None)), params)
+  runner(x)
+  assert runner.paid_tokens(x.shape)[0][0] == 13
   # Packed execution pays for the real tokens in the token-wise layers.
-  packed = mj.MergeConfig(tau=0.39, layers=(0,), preserve="sample", execution="packed")
+  packed = coarse.replace(preserve="sample", execution="packed")
   runner = mj.Runner(model.clone(merge=packed), params)
   runner(x)
   runner(x)

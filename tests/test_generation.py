@@ -314,6 +314,15 @@ def test_exact_mode_grows_capacities_and_equals_full_capacity(params):
   _, fixed = step((0, 0))
   assert np.asarray(fixed["overflow"]).any() and np.asarray(fixed["dropped"]).sum() > 0
   assert generation.initial_capacities(cfg, 16) == (4, 4)
+  # One token short in one layer: one more program, that layer grown to exactly its
+  # need (buckets of one token).
+  fine = cfg.replace(bucket_step=1)
+  need = tuple(int(n) for n in np.asarray(stats["num_preserved"]))
+  for layer in range(2):
+    short = tuple(n - (i == layer) for i, n in enumerate(need))
+    before = len(programs)
+    _, _, caps = generation.run_exact(step, fine, 16, capacities=short)
+    assert caps == need and len(programs) <= before + 2 and short in programs
 
 
 def test_tome_sd_in_the_stack(params):

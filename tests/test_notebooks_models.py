@@ -49,3 +49,13 @@ def test_vision_tokens_counts_both_runs_and_draws_the_tokens(executed):
   assert int(kept.group(1)) + int(kept.group(3)) == int(merged.group(1))
   assert "encoder speedup with MaMe" in text
   assert images_of(nb), "the kept and merged tokens are drawn"
+
+
+def test_dense_saliency_restores_three_ways_and_draws_the_maps(executed):
+  nb, _, _ = executed["dense_saliency"]
+  text = text_of(nb)
+  assert "randomly initialised saliency model" in text
+  for way in ("MaRe before the norm", "copy-back", "MaRe after the norm"):
+    assert re.search(rf"{way} +tokens after block \d+: \[\d+, \d+, \d+\]  r per image: "
+                     r"-?\d\.\d{3}, -?\d\.\d{3}, -?\d\.\d{3}", text), way
+  assert images_of(nb), "the maps are displayed side by side"

@@ -151,7 +151,10 @@ def test_benchmarks_md_opens_with_the_real_backbone(tmp_path, monkeypatch):
   text = run_all.render(op, vit, "python -m benchmarks.run_all --render-only", True)
   headings = [l for l in text.splitlines() if l.startswith("## ")]
   assert headings[0] == "## A real backbone: DINOv2-S/14 at 224 px, baseline, MaMe, ToMe"
-  assert headings[1] == "## The merge op beside one self-attention"
+  # then the real dense model on that backbone (no JSON here: how to make it), then
+  # the random-weights sections
+  assert headings[1] == "## Dense outputs: the saliency map through restoration"
+  assert headings[2] == "## The merge op beside one self-attention"
   assert "Weights: real" in text
 
 

