@@ -51,6 +51,7 @@ import mame_jax as mj
 from benchmarks.real_backbone import photo_crops
 from benchmarks.siglip_throughput import display, tome_r_per_tau
 from benchmarks.vit_throughput import add_speedups, measure_all, open_section, weights_line
+from mame_jax import cpu
 from mame_jax.eval import timing
 from mame_jax.eval.data import PHOTOS
 from mame_jax.eval.report import write_json
@@ -202,6 +203,7 @@ def main(argv=None):
       image_size=args.image_size, images=args.images, taus=args.taus,
       placements={p: PLACEMENTS[p] for p in args.placements}, merge=MERGE,
       merge_layers=list(default_layers(model.depth)), runs=args.runs, warmup=args.warmup,
+      cpu_settings=cpu.applied(),
       inputs=dict(source="skimage.data photographs (mame_jax.eval.data.PHOTOS)",
                   photos=len(PHOTOS), seed=args.seed,
                   rule="crop i from photo i mod 14, a random square, resized"),

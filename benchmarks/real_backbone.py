@@ -343,6 +343,8 @@ def main(argv=None):
                         patch=vit.pair(model.patch_size)[0], tokens=length, num_special=ns),
       dtype=args.dtype, image_size=args.image_size, batches=args.batches, taus=args.taus,
       variants={v: VARIANTS[v] for v in args.variants},
+      bucket_step=mj.MergeConfig().bucket_step,  # None: 8 equal steps of each layer's N
+      cpu_settings=mj.cpu.applied(),
       runs=args.runs, warmup=args.warmup, merge_layers=list(default_layers(model.depth)),
       inputs=dict(source="skimage.data photographs (mame_jax.eval.data.PHOTOS)",
                   photos=len(PHOTOS), crop_area=list(CROP_SCALE), seed=args.seed,

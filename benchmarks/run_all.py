@@ -28,6 +28,7 @@ import jax
 from benchmarks import (baselines, dense, digits, dit_digits, generation, merge_op, real_backbone,
                         siglip_throughput, train_step, video_throughput, vision_tokens_throughput,
                         vit_throughput)
+from benchmarks import cpu_peer
 from benchmarks.vit_throughput import weights_line
 from mame_jax.eval.timing import format_table
 
@@ -97,7 +98,7 @@ def render(op: dict, vit: dict, command: str, render_only: bool = False) -> str:
   lines += generation_section()
   # Each further benchmark renders its own section from its committed JSON.
   for module in (baselines, siglip_throughput, vision_tokens_throughput, video_throughput,
-                 train_step, digits, dit_digits):
+                 train_step, digits, dit_digits, cpu_peer):
     lines += module.section()
   full = pathlib.Path("results/merge_op.md")
   if full.exists() and "--quick" in op["command"] and "--quick" not in full.read_text():

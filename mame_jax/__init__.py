@@ -1,5 +1,9 @@
 """mame-jax: MaMe (matrix-based token merging) and MaRe (restoration) in JAX."""
 
+from mame_jax import cpu
+
+cpu.apply()  # XLA's CPU settings (mame_jax/cpu.py): before anything starts a backend
+
 from mame_jax.models.checkpoints import load_params
 from mame_jax.models.load import load_model
 from mame_jax.merge import MergeInfo, fusion_weights, mame, similarity_matrix
