@@ -42,7 +42,7 @@ import jax
 import numpy as np
 
 import mame_jax as mj
-from benchmarks.vit_throughput import add_speedups, measure_all, photo_batch
+from benchmarks.vit_throughput import add_speedups, measure_all, photo_batch, weights_line
 from mame_jax.eval import matching, timing
 from mame_jax.eval.report import write_json
 
@@ -110,9 +110,11 @@ def section(path: str = DEFAULT_JSON) -> list[str]:
       "", "## Table 1's baselines at matched GFLOPs: MaMe, ToMe, EViT, DiffRate", "",
       f"`{res['command']}` -- {res['device']}, batch {res['batch']}, {res['dtype']}, "
       f"{res['date']}", "",
+      weights_line("random", "randomly initialised DeiT-S / DeiT-B (no checkpoint here): "
+                   "the table compares what each method costs and how much of its FLOP "
+                   "cut becomes speed, not accuracy."), "",
       timing.format_table(res["rows"], COLUMNS), "",
-      "Random weights (no checkpoint here): the table compares what each method costs",
-      "and how much of its FLOP cut becomes speed, not accuracy. ToMe's `r` and EViT's",
+      "ToMe's `r` and EViT's",
       "keep rate are matched to the analytic GFLOPs of the tokens MaMe kept, its merges",
       "included (`mame_jax.eval.matching`, as `mame-jax eval --match-gflops-of-tau`",
       "does): the paper's convention of counting real tokens. The `gflops_per_image`",

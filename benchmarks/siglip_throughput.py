@@ -39,7 +39,7 @@ import numpy as np
 
 import mame_jax as mj
 from benchmarks.vit_throughput import (add_speedups, batch_wide_note, measure_all, open_section,
-                                       photo_batch)
+                                       photo_batch, weights_line)
 from mame_jax.eval import timing
 from mame_jax.eval.data import PHOTOS
 from mame_jax.eval.matching import tome_r_for_ratio
@@ -153,8 +153,10 @@ def section(path=RESULTS) -> list:
   if run is None:
     return out
   device = run["device"]
-  out += ["Random weights on the project's photographs: the cost of each token count is",
-          "real, the token counts are not the trained checkpoint's (it merges differently).",
+  out += ["", weights_line("random", "a randomly initialised SigLIP B/16 image tower on the "
+                          "project's photographs: the cost of each token count is real, the "
+                          "token counts are not the trained checkpoint's (it merges "
+                          "differently)."),
           "", timing.format_table(display(run["rows"]), COLUMNS), "", "Tokens per block:", ""]
   out += [f"- batch {r['batch']} {r['method']}: {r['tokens_per_layer']}" for r in run["rows"]]
   out += ["", "Not measured or short of the goal:", ""]

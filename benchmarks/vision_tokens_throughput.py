@@ -77,7 +77,7 @@ import numpy as np
 
 import mame_jax as mj
 from benchmarks.siglip_throughput import display, tome_r_per_tau
-from benchmarks.vit_throughput import batch_wide_note, open_section, photo_batch
+from benchmarks.vit_throughput import batch_wide_note, open_section, photo_batch, weights_line
 from mame_jax.eval import timing
 from mame_jax.eval.data import PHOTOS
 from mame_jax.eval.report import write_json
@@ -299,8 +299,9 @@ def section(path=RESULTS) -> list:
           "penultimate block, class token dropped (LLaVA-1.5 at 336 px); SigLIP",
           "So400m/14: the last block after the final LayerNorm (PaliGemma at 224 px).",
           f"Models: {run['note']}.",
-          "Random weights on the project's photographs: the cost of each token count is",
-          "real, the counts are not a trained checkpoint's (random towers merge more).",
+          weights_line("random", "random towers on the project's photographs: the cost "
+                       "of each token count is real, the counts are not a trained "
+                       "checkpoint's (random towers merge more)."),
           "`tokens_out`: the real tokens the language model reads, mean per image.",
           "", timing.format_table(display(rows), COLUMNS), ""]
   encoders = run.get("encoders", {})

@@ -169,4 +169,4 @@ def test_every_section_says_where_its_weights_come_from():
   assert len(sections) >= 13
   for section in sections:
     title = section.splitlines()[0]
-    assert "Weights: " in section or "Random weights" in section, title
+    assert "Weights: " in section, title
