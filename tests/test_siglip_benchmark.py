@@ -49,7 +49,7 @@ def test_section_renders_the_run_and_says_what_is_missing(tmp_path):
   path.write_text(json.dumps(run_json([1])))
   text = "\n".join(bench.section(path))
   assert "`python -m benchmarks.siglip_throughput --quick`" in text
-  assert "cpu x1 (2 cores)" in text and "2026-12-01" in text and "Random weights" in text
+  assert "cpu x1 (2 cores)" in text and "2026-12-01" in text and "Weights: random" in text
   assert text.count("| mame(0.9) ") == 1 and "| tome(r=20) " in text
   assert "batch 32: not measured" in text and "batch 1: not measured" not in text
   assert "on a GPU: not measured" in text
