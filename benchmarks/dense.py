@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import shlex
 import sys
 
 if not __package__:  # run as a file, not with -m: see benchmarks/__init__.py
@@ -50,7 +49,8 @@ import numpy as np
 import mame_jax as mj
 from benchmarks.real_backbone import photo_crops
 from benchmarks.siglip_throughput import display, tome_r_per_tau
-from benchmarks.vit_throughput import add_speedups, measure_all, open_section, weights_line
+from benchmarks.vit_throughput import (add_speedups, command_line, measure_all, open_section,
+                                       weights_line)
 from mame_jax import cpu
 from mame_jax.eval import timing
 from mame_jax.eval.data import PHOTOS
@@ -195,8 +195,7 @@ def main(argv=None):
   rows = bench(model, params, images, args.taus, args.placements, args.runs, args.warmup)
   print()
   print(timing.format_table(display(rows), COLUMNS))
-  command = ("python -m benchmarks.dense " +
-             shlex.join(sys.argv[1:] if argv is None else argv)).strip()
+  command = command_line("dense", argv)
   write_json(args.json, dict(
       device=timing.device_description(), platform=jax.default_backend(), date=timing.today(),
       command=command, model=args.model, weights=weights, about=about, dtype="float32",

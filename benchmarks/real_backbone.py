@@ -58,7 +58,6 @@ import argparse
 import functools
 import json
 import pathlib
-import shlex
 import sys
 
 if not __package__:  # run as a file, not with -m: see benchmarks/__init__.py
@@ -70,8 +69,8 @@ import numpy as np
 
 import mame_jax as mj
 from benchmarks.siglip_throughput import display, tome_r_per_tau
-from benchmarks.vit_throughput import (add_speedups, batch_wide_note, measure_all, open_section,
-                                       weights_line)
+from benchmarks.vit_throughput import (add_speedups, batch_wide_note, command_line, measure_all,
+                                       open_section, weights_line)
 from mame_jax.eval import timing
 from mame_jax.eval.calibrate import preserved_counts
 from mame_jax.eval.data import PHOTOS, photos_source, to_rgb_uint8
@@ -333,8 +332,7 @@ def main(argv=None):
   for row in rows:
     print(f"batch {row['batch']} {row['method']:<12} tokens per block: "
           f"{row['tokens_per_layer']} (padded {row['padded_per_layer']})")
-  command = ("python -m benchmarks.real_backbone " +
-             shlex.join(sys.argv[1:] if argv is None else argv)).strip()
+  command = command_line("real_backbone", argv)
   length, ns = sequence_lengths(model, (args.image_size, args.image_size))
   write_json(args.json, dict(
       device=timing.device_description(), platform=jax.default_backend(), date=timing.today(),

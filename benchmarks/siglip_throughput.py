@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import shlex
 import sys
 
 if not __package__:  # run as a file, not with -m: see benchmarks/__init__.py
@@ -38,8 +37,8 @@ if not __package__:  # run as a file, not with -m: see benchmarks/__init__.py
 import numpy as np
 
 import mame_jax as mj
-from benchmarks.vit_throughput import (add_speedups, batch_wide_note, measure_all, open_section,
-                                       photo_batch, weights_line)
+from benchmarks.vit_throughput import (add_speedups, batch_wide_note, command_line, measure_all,
+                                       open_section, photo_batch, weights_line)
 from mame_jax.eval import timing
 from mame_jax.eval.data import PHOTOS
 from mame_jax.eval.matching import tome_r_for_ratio
@@ -135,8 +134,7 @@ def main(argv=None):
   print(timing.format_table(display(rows), COLUMNS))
   for row in rows:
     print(f"batch {row['batch']} {row['method']:<12} tokens per block: {row['tokens_per_layer']}")
-  command = ("python -m benchmarks.siglip_throughput " +
-             shlex.join(sys.argv[1:] if argv is None else argv)).strip()
+  command = command_line("siglip_throughput", argv)
   write_json(args.json, dict(device=timing.device_description(), date=timing.today(),
                              dtype=args.dtype, image_size=args.image_size,
                              batches=args.batches, runs=args.runs, command=command,

